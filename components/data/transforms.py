@@ -1,0 +1,65 @@
+"""Batch preprocessing: resize the longer side to S, normalise, pad to S×S so any aspect ratio batches.
+
+Padding is added after normalisation with zeros, i.e. the dataset mean, centred. Training draws one random S
+per batch from a range (DeepFirearm: [256, 384]) and flips each image at random; evaluation uses a fixed S, so
+an image's descriptor never depends on the batch it is in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+
+class BatchTransform:
+    """Collate function: list of (PIL image, *fields) → (images (B,3,S,S), *stacked fields)."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        max_side: tuple[int, int],
+        hflip: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        lo, hi = max_side
+        if not 0 < lo <= hi:
+            raise ValueError(f"max_side must be (low, high) with 0 < low <= high, got {max_side}")
+        self.max_side = (lo, hi)
+        self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+        self.normalize = v2.Normalize(list(mean), list(std))
+        self.flip = v2.RandomHorizontalFlip() if hflip else None
+        self.rng = random.Random(seed)
+
+    @classmethod
+    def for_eval(cls, meta: dict, image_size: int | None = None) -> BatchTransform:
+        size = image_size or meta["image_size"]
+        return cls(meta["mean"], meta["std"], (size, size))
+
+    def image(self, img: Image.Image, side: int) -> torch.Tensor:
+        x = self.to_tensor(img)
+        x = v2.functional.resize(x, size=None, max_size=side, antialias=True) if max(x.shape[-2:]) != side else x
+        if self.flip is not None:
+            x = self.flip(x)
+        x = self.normalize(x)
+        return v2.functional.center_crop(x, [side, side])  # pads with zeros (= the mean) up to S×S
+
+    def __call__(self, batch: list[tuple]) -> tuple[torch.Tensor, ...]:
+        side = self.rng.randint(*self.max_side)
+        images = torch.stack([self.image(item[0], side) for item in batch])
+        fields = [torch.as_tensor([item[i] for item in batch]) for i in range(1, len(batch[0]))]
+        return (images, *fields)
+
+
+class PairBatchTransform(BatchTransform):
+    """Collate for pairs: list of (img_a, img_b, y, i, j) → (images (2B,3,S,S) as a₁..a_B,b₁..b_B, y, i, j)."""
+
+    def __call__(self, batch: list[tuple]) -> tuple[torch.Tensor, ...]:
+        side = self.rng.randint(*self.max_side)
+        images = torch.stack([self.image(item[0], side) for item in batch] + [self.image(item[1], side) for item in batch])
+        fields = [torch.as_tensor([item[i] for item in batch]) for i in range(2, len(batch[0]))]
+        return (images, *fields)

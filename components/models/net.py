@@ -1,0 +1,99 @@
+"""RetrievalNet: backbone → pooling → L2, with the `meta` dict every checkpoint carries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.errors import CheckpointError
+from components.models.backbones import create_backbone, freeze_stages
+from components.models.pooling import make_pooling
+from components.storage import atomic_write_path
+
+CHECKPOINT_FORMAT = 1
+
+
+class RetrievalNet(nn.Module):
+    """Fully-convolutional backbone → global pooling → L2 normalisation.
+
+    `meta` holds everything needed to rebuild the network and preprocess images for it:
+    arch, pooling, gem_p, dim, mean, std, image_size.
+    """
+
+    def __init__(self, meta: dict[str, Any], weights: str | None = None) -> None:
+        super().__init__()
+        backbone = create_backbone(meta["arch"], weights)
+        self.backbone = backbone.module
+        self.pool = make_pooling(meta["pooling"], meta.get("gem_p", 3.0))
+        self.meta = {**meta, "dim": backbone.dim, "mean": list(backbone.mean), "std": list(backbone.std)}
+
+    @classmethod
+    def create(
+        cls, arch: str, pooling: str, image_size: int, weights: str | None, gem_p: float = 3.0
+    ) -> RetrievalNet:
+        return cls({"arch": arch, "pooling": pooling, "gem_p": gem_p, "image_size": image_size}, weights)
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled, un-normalised features (B, dim): what a classification head sees."""
+        return self.pool(self.backbone.forward_features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.pooled(images), dim=-1)
+
+    def freeze(self, n_stages: int) -> None:
+        freeze_stages(self.backbone, n_stages)
+
+
+class Classifier(nn.Module):
+    """A linear head on RetrievalNet's pooled features (stage 1: classification fine-tuning)."""
+
+    def __init__(self, net: RetrievalNet, num_classes: int) -> None:
+        super().__init__()
+        self.net = net
+        self.head = nn.Linear(net.meta["dim"], num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net.pooled(images))
+
+
+def freeze_batchnorm_statistics(module: nn.Module) -> None:
+    """Keep BatchNorm running statistics fixed (eval mode) while the rest trains.
+
+    Small, class-correlated batches (pairs) would otherwise drag the statistics, and frozen statistics keep
+    data-parallel replicas bit-identical without buffer synchronisation.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def save_checkpoint(path: Path, net: RetrievalNet, extra_meta: dict[str, Any] | None = None) -> None:
+    """Write {'format', 'meta', 'state_dict'} atomically; loadable with `weights_only=True`."""
+    meta = {**net.meta, **(extra_meta or {})}
+    with atomic_write_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": net.state_dict()}, tmp)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or "meta" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Firesight checkpoint (no 'meta'/'state_dict')")
+    return ckpt
+
+
+def load_net(path: Path) -> RetrievalNet:
+    """Rebuild a RetrievalNet from a checkpoint alone (no side information needed)."""
+    ckpt = read_checkpoint(path)
+    net = RetrievalNet(ckpt["meta"], weights=None)
+    net.load_state_dict(ckpt["state_dict"])
+    net.meta = ckpt["meta"]
+    return net.eval()

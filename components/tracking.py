@@ -1,0 +1,143 @@
+"""MLflow integration: one run per stage, per-epoch metrics, and the model registry with a champion alias."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_ROOT = Path("mlartifacts")
+# What the logged pyfunc model needs at load time; given explicitly so MLflow need not infer it (slow).
+MODEL_PIP_REQUIREMENTS = ["torch==2.15.0", "torchvision==0.29.2", "timm==1.0.31", "pillow==13.0.0", "numpy==2.4.6"]
+
+
+def configure(uri: str, experiment: str) -> None:
+    """Point MLflow at MLFLOW_TRACKING_URI if set, else `uri`; create the experiment (artifacts under
+    ./mlartifacts for a local store) if needed."""
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", uri))
+    if mlflow.get_experiment_by_name(experiment) is None:
+        local = mlflow.get_tracking_uri().startswith(("sqlite:", "file:")) or "://" not in mlflow.get_tracking_uri()
+        mlflow.create_experiment(experiment, artifact_location=ARTIFACT_ROOT.resolve().as_uri() if local else None)
+    mlflow.set_experiment(experiment)
+
+
+@contextmanager
+def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    with mlflow.start_run(run_name=stage, tags={"firesight.stage": stage, **(tags or {})}) as run:
+        mlflow.log_params(_flatten(params))
+        yield run
+
+
+def log_history(history: list[dict[str, float]]) -> None:
+    """Log every per-epoch metric with step = epoch (epoch 0 is the starting point, before training)."""
+    for row in history:
+        step = int(row["epoch"])
+        mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=step)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class EmbeddingModel(mlflow.pyfunc.PythonModel):
+    """pyfunc model: a batch of RGB uint8 images (B, H, W, 3) → L2-normalised descriptors (B, dim)."""
+
+    def load_context(self, context) -> None:
+        from components.models.net import load_net
+
+        self.net = load_net(Path(context.artifacts["checkpoint"]))
+
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        import torch
+        from PIL import Image
+
+        from components.data.transforms import BatchTransform
+
+        transform = BatchTransform.for_eval(self.net.meta)
+        images = np.asarray(model_input, dtype=np.uint8)
+        with torch.no_grad():
+            batch, = transform([(Image.fromarray(img),) for img in images])
+            return self.net(batch).numpy()
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    champion: bool
+    reason: str
+
+
+def register_model(
+    *,
+    checkpoint: Path,
+    example_image: np.ndarray,
+    name: str,
+    alias: str,
+    metric: str,
+    value: float,
+    tags: dict[str, str],
+) -> Registration:
+    """Log the checkpoint as a pyfunc model in the active run, register it as a new version of `name` with
+    `tags`, and move `alias` to it only if `value` of `metric` beats the current holder's."""
+    model = EmbeddingModel()
+    model.load_context(type("Ctx", (), {"artifacts": {"checkpoint": str(checkpoint)}})())
+    example = example_image[None]
+    dim = model.net.meta["dim"]
+    signature = ModelSignature(  # any image size; the model resizes to its meta's image_size
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
+    )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=model,
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(__file__).parent)],
+        signature=signature,
+        input_example=example,
+        pip_requirements=MODEL_PIP_REQUIREMENTS,
+        registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, val in tags.items():
+        client.set_model_version_tag(name, version, key, val)
+    client.set_model_version_tag(name, version, metric, f"{value:.6f}")
+    champion, reason = _challenge(client, name, alias, metric, value, version)
+    if champion:
+        client.set_registered_model_alias(name, alias, version)
+    log.info("registered %s version %s; %s", name, version, reason)
+    return Registration(name, version, champion, reason)
+
+
+def _challenge(client: MlflowClient, name: str, alias: str, metric: str, value: float, version: str) -> tuple[bool, str]:
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return True, f"alias '{alias}' moved to version {version}: there was no '{alias}' yet ({metric}={value:.4f})"
+    held = holder.tags.get(metric)
+    if held is None:
+        return True, f"alias '{alias}' moved to version {version}: version {holder.version} has no {metric} tag"
+    if value > float(held):
+        return True, f"alias '{alias}' moved to version {version}: {metric} {value:.4f} beats version {holder.version}'s {float(held):.4f}"
+    return False, f"alias '{alias}' stays on version {holder.version}: its {metric} {float(held):.4f} >= this version's {value:.4f}"

@@ -1,0 +1,113 @@
+"""What the training, index and evaluate stages share: paths of the file contract and job builders from params."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components import tracking
+from components.distributed import Cluster, gpu_available, run_training
+from components.models.net import read_checkpoint
+from components.storage import read_parquet, write_json
+from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
+from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalValSet
+from pipelines.params import ModelParams, Params, RayParams, _TrainParams
+
+MANIFEST = Path("data/manifest.parquet")
+SPLITS = Path("data/splits.parquet")
+CLASSIFY_DIR = Path("models/classify")
+RETRIEVAL_DIR = Path("models/retrieval")
+INDEX_DIR = Path("index")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+
+
+def load_splits() -> pd.DataFrame:
+    splits = read_parquet(SPLITS)
+    splits["uri"] = [str(Path(u).resolve()) for u in splits["uri"]]  # Ray workers may run elsewhere in the tree
+    return splits
+
+
+def train_classes(splits: pd.DataFrame) -> list[str]:
+    return sorted(splits.loc[splits["role"] == "train", "label"].unique())
+
+
+def labelled(rows: pd.DataFrame, classes: list[str]) -> LabelledImages:
+    index = {c: i for i, c in enumerate(classes)}
+    return LabelledImages(rows["uri"].tolist(), [index[c] for c in rows["label"]])
+
+
+def retrieval_set(splits: pd.DataFrame, split: str) -> RetrievalValSet:
+    rows = splits[splits["split"] == split].sort_values(["role", "label", "id"])
+    classes = sorted(rows["label"].unique())
+    index = {c: i for i, c in enumerate(classes)}
+    return RetrievalValSet(rows["uri"].tolist(), [index[c] for c in rows["label"]], (rows["role"] == "query").tolist())
+
+
+def optimisation(p: _TrainParams) -> Optimisation:
+    return Optimisation(p.epochs, p.batch_size, p.lr, p.momentum, p.weight_decay, p.lr_step_epochs, p.lr_gamma,
+                        tuple(p.train_max_side), p.hflip, p.seed, getattr(p, "head_lr_multiplier", 1.0))
+
+
+def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
+    weights = None if m.weights == "none" else m.weights
+    return NetSpec(m.backbone, m.pooling, m.gem_p, m.image_size, weights, m.frozen_stages,
+                   str(init_checkpoint.resolve()) if init_checkpoint else None)
+
+
+def cluster(r: RayParams) -> Cluster:
+    return Cluster(r.num_workers, r.cpus_per_worker, gpu_available(r.use_gpu), r.storage_path)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def manifest_digest(manifest: pd.DataFrame) -> str:
+    """Content hash of the data: sorted (sha256, label) pairs, independent of paths and row order."""
+    rows = sorted(f"{i} {label}" for i, label in zip(manifest["id"], manifest["label"]))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict[str, float]]:
+    timing: dict[str, float] = {}
+    start = time.perf_counter()
+    yield timing
+    timing["wall_seconds"] = round(time.perf_counter() - start, 1)
+
+
+def params_dict(params: Params, *sections: str) -> dict:
+    return {s: getattr(params, s).model_dump(mode="json") for s in sections}
+
+
+def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_dir: Path, select: str) -> dict:
+    """Run a training loop as a Ray Train job inside an MLflow run; write model_dir/{best.pt, history.json,
+    meta.json} and metrics/<stage>.json (best epoch, its val metrics, val mAP before training, wall time)."""
+    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    with tracking.stage_run(stage, params_dict(params, "model", stage, "ray")), stopwatch() as timing:
+        run_training(loop, job, name=stage, cluster=cluster(params.ray), output_dir=model_dir)
+        write_json(model_dir / "meta.json", read_checkpoint(model_dir / BEST_MODEL_FILE)["meta"])
+        history = json.loads((model_dir / HISTORY_FILE).read_text())
+        tracking.log_history(history)
+        best = max(history, key=lambda h: h[select])  # the first best, as the loop's tracker keeps it
+        summary = {"best_epoch": int(best["epoch"]), **{k: v for k, v in best.items() if k.startswith("val_")},
+                   "val_map_before_training": history[0]["val_map"]}
+        tracking.mlflow.log_metrics({f"best_{k}": float(v) for k, v in summary.items()})
+        tracking.mlflow.log_artifact(str(model_dir / BEST_MODEL_FILE), "model")
+    summary.update(timing)
+    write_json(METRICS_DIR / f"{stage}.json", summary)
+    return summary

@@ -1,0 +1,101 @@
+"""Stage evaluate: test queries against the index (mAP, CMC), next to the off-the-shelf ImageNet backbone;
+distance histograms; register the model in MLflow and move the champion alias only if it beats the holder."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from components import tracking
+from components.data.images import load_rgb
+from components.evaluation.metrics import distance_summary, evaluate_rankings, pair_distances
+from components.evaluation.plots import plot_distance_histograms
+from components.models.net import RetrievalNet, load_net
+from components.search.embed import embed_images
+from components.search.index import build_index, load_index, search
+from components.storage import read_parquet, write_json
+from components.training.context import BEST_MODEL_FILE
+from pipelines._runner import run_stage
+from pipelines.common import (INDEX_DIR, MANIFEST, PLOTS_DIR, RETRIEVAL_DIR, git_commit, load_splits,
+                              manifest_digest, params_dict, stopwatch)
+from pipelines.params import Params
+
+log = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+EXAMPLE_SIDE = 64  # the registered model's input example: one test image shrunk to this longer side
+
+
+def main(params: Params) -> None:
+    with stopwatch() as timing:
+        splits = load_splits()
+        test = splits[splits["split"] == "test"]
+        queries = test[test["role"] == "query"].sort_values(["label", "id"])
+        ids = read_parquet(INDEX_DIR / "ids.parquet")
+        db_desc = np.load(INDEX_DIR / "descriptors.npy")
+        size, bs, ranks = params.model.image_size, params.index.batch_size, params.evaluate.cmc_ranks
+
+        net = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)
+        _, q_desc = embed_images(net, queries["uri"].tolist(), batch_size=bs, image_size=size, progress=True, desc="queries")
+        _, ranking = search(load_index(INDEX_DIR / "faiss.index"), q_desc, k=len(ids))
+        finetuned = evaluate_rankings(queries["label"].to_numpy(), ids["label"].to_numpy(), ranking, ranks)
+
+        db_uris = test.set_index("id").loc[ids["id"], "uri"].tolist()
+        baseline_net = RetrievalNet.create(params.model.backbone, params.model.pooling, size,
+                                           None if params.model.weights == "none" else params.model.weights,
+                                           params.model.gem_p).eval()
+        _, base_db = embed_images(baseline_net, db_uris, batch_size=bs, progress=True, desc="off-the-shelf db")
+        _, base_q = embed_images(baseline_net, queries["uri"].tolist(), batch_size=bs, desc="off-the-shelf queries")
+        _, base_ranking = search(build_index(base_db), base_q, k=len(ids))
+        baseline = evaluate_rankings(queries["label"].to_numpy(), ids["label"].to_numpy(), base_ranking, ranks)
+
+        distances = {
+            "fine-tuned": pair_distances(q_desc, queries["label"], db_desc, ids["label"]),
+            "off-the-shelf": pair_distances(base_q, queries["label"], base_db, ids["label"]),
+        }
+        plot_distance_histograms(distances, PLOTS_DIR / "distances.png",
+                                 title="Test query–database distances: same class vs different class")
+    metrics = {
+        "test": finetuned,
+        "off_the_shelf": baseline,
+        "gain": {k: round(finetuned[k] - baseline[k], 6) for k in finetuned if k == "map" or k.startswith("cmc@")},
+        "distances": {name: distance_summary(*pair) for name, pair in distances.items()},
+        **timing,
+    }
+    write_json(METRICS_FILE, metrics)
+    log.info("test mAP %.4f (off-the-shelf %.4f), CMC@1 %.4f (off-the-shelf %.4f)",
+             finetuned["map"], baseline["map"], finetuned["cmc@1"], baseline["cmc@1"])
+    _register(params, metrics, queries)
+
+
+def _register(params: Params, metrics: dict, queries: pd.DataFrame) -> None:
+    meta = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE).meta
+    example = load_rgb(queries["uri"].iloc[0])
+    example.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
+    tags = {
+        "git_commit": git_commit(),
+        "data_manifest_sha256": manifest_digest(read_parquet(MANIFEST)),
+        "backbone": meta["arch"],
+        "pooling": meta["pooling"],
+        "pos_margin": str(meta.get("pos_margin")),
+        "neg_margin": str(meta.get("neg_margin")),
+    }
+    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    with tracking.stage_run("evaluate", params_dict(params, "model", "evaluate"), tags):
+        tracking.mlflow.log_metrics({f"test_{k.replace('@', '_at_')}": float(v) for k, v in metrics["test"].items()})
+        tracking.mlflow.log_metrics({f"off_the_shelf_{k.replace('@', '_at_')}": float(v) for k, v in metrics["off_the_shelf"].items()})
+        tracking.mlflow.log_artifact(str(PLOTS_DIR / "distances.png"), "plots")
+        tracking.register_model(
+            checkpoint=RETRIEVAL_DIR / BEST_MODEL_FILE,
+            example_image=np.asarray(example),
+            name=params.evaluate.registered_model,
+            alias=params.evaluate.champion_alias,
+            metric="test_map",
+            value=metrics["test"]["map"],
+            tags=tags,
+        )
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

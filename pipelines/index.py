@@ -1,0 +1,37 @@
+"""Stage index: embed the test database with the best retrieval model; write descriptors, ids and a faiss index."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from components.models.net import load_net
+from components.search.embed import embed_images
+from components.search.index import build_index, save_index
+from components.storage import atomic_write_path, write_json, write_parquet
+from components.training.context import BEST_MODEL_FILE
+from pipelines._runner import run_stage
+from pipelines.common import INDEX_DIR, METRICS_DIR, RETRIEVAL_DIR, load_splits, stopwatch
+from pipelines.params import Params
+
+log = logging.getLogger(__name__)
+
+
+def main(params: Params) -> None:
+    with stopwatch() as timing:
+        net = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)
+        splits = load_splits()
+        db = splits[(splits["split"] == "test") & (splits["role"] == "db")].sort_values(["label", "id"])
+        _, descriptors = embed_images(net, db["uri"].tolist(), batch_size=params.index.batch_size,
+                                      image_size=params.model.image_size, progress=True, desc="index")
+        with atomic_write_path(INDEX_DIR / "descriptors.npy") as tmp:
+            np.save(tmp, descriptors)
+        write_parquet(INDEX_DIR / "ids.parquet", db[["id", "label"]].reset_index(drop=True))
+        save_index(build_index(descriptors), INDEX_DIR / "faiss.index")
+    log.info("indexed %d test database images (%d-d) in %.1f s", len(db), descriptors.shape[1], timing["wall_seconds"])
+    write_json(METRICS_DIR / "index.json", {"images": len(db), "dim": int(descriptors.shape[1]), **timing})
+
+
+if __name__ == "__main__":
+    run_stage("index", main)

@@ -1,0 +1,155 @@
+"""params.yaml schema: every stage's section, validated on load.
+
+A misspelt key or a bad value raises `ParamsError` naming the key (e.g. `classify.lrr: unknown key`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.errors import FiresightError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(FiresightError):
+    pass
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestParams(_Section):
+    source: str = Field(description="folder with one sub-folder per class, or a CSV listing with columns path,label")
+    exclude_classes: list[str] = []
+    max_images_per_class: int | None = Field(default=None, ge=1)
+    min_side: int = Field(default=32, ge=1)
+    workers: int = Field(default=2, ge=1)
+    seed: int = 0
+
+
+class ClassRatio(_Section):
+    train: float = Field(default=107, gt=0)
+    val: float = Field(default=20, gt=0)
+    test: float = Field(default=40, gt=0)
+
+
+class SplitParams(_Section):
+    seed: int = 0
+    class_ratio: ClassRatio = ClassRatio()
+    val_classes: int | None = Field(default=None, ge=1)
+    test_classes: int | None = Field(default=None, ge=1)
+    queries_per_class: int = Field(default=2, ge=1)
+    classifier_train_fraction: float = Field(default=0.7, gt=0, lt=1)
+    min_images_per_class: int = Field(default=6, ge=2)
+
+
+class ModelParams(_Section):
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = Field(default="imagenet", description="'imagenet' (packaged offline weights) or a weights file path")
+    pooling: Literal["mac", "spoc", "gem"] = "gem"
+    gem_p: float = Field(default=3.0, gt=0)
+    frozen_stages: int = Field(default=0, ge=0, description="leading backbone stages kept frozen (stage 0 is the stem)")
+    image_size: int = Field(default=224, ge=32, description="longer side of every image at evaluation time")
+
+
+class _TrainParams(_Section):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    lr_step_epochs: int = Field(default=10, ge=1)
+    lr_gamma: float = Field(default=0.1, gt=0, le=1)
+    train_max_side: tuple[int, int] = Field(description="random resize range of the longer side while training")
+    hflip: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ordered_range(self):
+        lo, hi = self.train_max_side
+        if not 32 <= lo <= hi:
+            raise ValueError(f"train_max_side must be [low, high] with 32 <= low <= high, got {list(self.train_max_side)}")
+        return self
+
+
+class ClassifyParams(_TrainParams):
+    head_lr_multiplier: float = Field(default=10.0, gt=0, description="the new linear head's lr = lr × this")
+
+
+class RetrievalParams(_TrainParams):
+    pos_margin: float = Field(ge=0, description="m+: positive pairs closer than this cost nothing")
+    neg_margin: float = Field(gt=0, description="m-: negative pairs farther than this cost nothing")
+    pos_pairs_per_class: int = Field(default=180, ge=1)
+    neg_pairs_per_class: int = Field(default=180, ge=1)
+    redraw_every: int = Field(default=5, ge=1, description="epochs between two draws of the random pairs")
+
+    @model_validator(mode="after")
+    def _margins_ordered(self):
+        if self.pos_margin >= self.neg_margin:
+            raise ValueError(f"pos_margin ({self.pos_margin}) must be below neg_margin ({self.neg_margin})")
+        return self
+
+
+class RayParams(_Section):
+    num_workers: int = Field(default=2, ge=1)
+    cpus_per_worker: int = Field(default=1, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    storage_path: str = ".ray_results"
+
+
+class IndexParams(_Section):
+    batch_size: int = Field(default=32, ge=1)
+
+
+class EvaluateParams(_Section):
+    cmc_ranks: list[int] = [1, 5, 10]
+    registered_model: str = "firesight-retriever"
+    champion_alias: str = "champion"
+
+
+class TrackingParams(_Section):
+    uri: str = Field(default="sqlite:///mlflow.db", description="overridden by MLFLOW_TRACKING_URI when set")
+    experiment: str = "firesight"
+
+
+class Params(_Section):
+    ingest: IngestParams
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    classify: ClassifyParams
+    retrieval: RetrievalParams
+    ray: RayParams = RayParams()
+    index: IndexParams = IndexParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"

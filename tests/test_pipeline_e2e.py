@@ -1,0 +1,94 @@
+"""`dvc repro` of the whole pipeline on a tiny real sample, in a fresh git repo: outputs, registry, caching."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import tiny_sample
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "ingest": {"source": "data/sample"},
+    "model": {"image_size": 64, "frozen_stages": 5},
+    "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
+    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72], "pos_pairs_per_class": 2, "neg_pairs_per_class": 2},
+}
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    done = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout + done.stderr
+
+
+def _set_params(repo: Path, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_dvc_repro_end_to_end(repo_copy: Path):
+    repo = repo_copy
+    tiny_sample(repo / "data" / "sample", classes=12, per_class=8)
+    (repo / "data" / "sample" / "anchor" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    _set_params(repo, TINY)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "tiny"], cwd=repo, check=True)
+
+    log = _dvc(repo, "repro")
+    for stage in ("ingest", "split", "classify", "retrieval", "index", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+
+    report = json.loads((repo / "data/ingest_report.json").read_text())
+    assert [q["file"].endswith("anchor/broken.jpg") for q in report["quarantine"]] == [True]
+    splits = pd.read_parquet(repo / "data/splits.parquet")
+    test_db = splits[(splits["split"] == "test") & (splits["role"] == "db")]
+    ids = pd.read_parquet(repo / "index/ids.parquet")
+    assert sorted(ids["id"]) == sorted(test_db["id"])
+    import numpy as np
+    import faiss
+    descriptors = np.load(repo / "index/descriptors.npy")
+    assert descriptors.shape == (len(ids), 1280) and faiss.read_index(str(repo / "index/faiss.index")).ntotal == len(ids)
+
+    metrics = json.loads((repo / "metrics.json").read_text())
+    queries = int((splits["split"].eq("test") & splits["role"].eq("query")).sum())
+    for key in ("test", "off_the_shelf"):
+        assert 0 < metrics[key]["map"] <= 1 and 0 <= metrics[key]["cmc@1"] <= metrics[key]["cmc@5"] <= 1
+        assert metrics[key]["queries"] == queries and metrics[key]["database"] == len(ids)
+    assert (repo / "plots/distances.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((repo / "models/retrieval/history.json").read_text())[0]["epoch"] == 0
+
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("firesight-retriever", "champion")
+    assert champion.version == "1"
+    assert champion.tags["backbone"] == "tf_efficientnet_lite0" and champion.tags["pooling"] == "gem"
+    assert float(champion.tags["test_map"]) == pytest.approx(metrics["test"]["map"], abs=1e-6)
+    assert len(champion.tags["data_manifest_sha256"]) == 64 and champion.tags["git_commit"] != "unknown"
+    stages = {r.data.tags["firesight.stage"] for r in client.search_runs([client.get_experiment_by_name("firesight").experiment_id])}
+    assert stages == {"classify", "retrieval", "evaluate"}
+
+    assert "Running stage" not in _dvc(repo, "repro"), "a second repro with nothing changed must be a no-op"
+
+    _set_params(repo, {"retrieval": {"pos_margin": 0.6}})
+    log = _dvc(repo, "repro")
+    assert "Running stage 'retrieval'" in log and "Running stage 'evaluate'" in log
+    for stage in ("ingest", "split", "classify"):
+        assert f"Running stage '{stage}'" not in log
+    versions = client.search_model_versions("name='firesight-retriever'")
+    assert len(versions) == 2
+    best = max(versions, key=lambda v: float(v.tags["test_map"]))
+    assert client.get_model_version_by_alias("firesight-retriever", "champion").version == best.version
+    assert "alias 'champion'" in log
