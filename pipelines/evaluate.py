@@ -12,14 +12,14 @@ from components import tracking
 from components.data.images import load_rgb
 from components.evaluation.metrics import distance_summary, evaluate_rankings, pair_distances
 from components.evaluation.plots import plot_distance_histograms
-from components.models.net import RetrievalNet, load_net
+from components.models.net import load_net
 from components.search.embed import embed_images
 from components.search.index import build_index, load_index, search
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
 from pipelines.common import (INDEX_DIR, MANIFEST, PLOTS_DIR, RETRIEVAL_DIR, git_commit, load_splits,
-                              manifest_digest, params_dict, stopwatch)
+                              manifest_digest, net_spec, params_dict, stopwatch)
 from pipelines.params import Params
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,7 @@ def main(params: Params) -> None:
         finetuned = evaluate_rankings(queries["label"].to_numpy(), ids["label"].to_numpy(), ranking, ranks)
 
         db_uris = test.set_index("id").loc[ids["id"], "uri"].tolist()
-        baseline_net = RetrievalNet.create(params.model.backbone, params.model.pooling, size,
-                                           None if params.model.weights == "none" else params.model.weights,
-                                           params.model.gem_p).eval()
+        baseline_net = net_spec(params.model).build().eval()  # the same architecture, never trained here
         _, base_db = embed_images(baseline_net, db_uris, batch_size=bs, progress=True, desc="off-the-shelf db")
         _, base_q = embed_images(baseline_net, queries["uri"].tolist(), batch_size=bs, desc="off-the-shelf queries")
         _, base_ranking = search(build_index(base_db), base_q, k=len(ids))

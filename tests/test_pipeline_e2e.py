@@ -15,7 +15,7 @@ from tests.conftest import tiny_sample
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "ingest": {"source": "data/sample"},
+    "ingest": {"source": "data/sample", "min_side": 16},
     "model": {"image_size": 64, "frozen_stages": 5},
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
     "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72], "pos_pairs_per_class": 2, "neg_pairs_per_class": 2},
@@ -73,7 +73,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("firesight-retriever", "champion")
-    assert champion.version == "1"
+    assert str(champion.version) == "1"
     assert champion.tags["backbone"] == "tf_efficientnet_lite0" and champion.tags["pooling"] == "gem"
     assert float(champion.tags["test_map"]) == pytest.approx(metrics["test"]["map"], abs=1e-6)
     assert len(champion.tags["data_manifest_sha256"]) == 64 and champion.tags["git_commit"] != "unknown"
@@ -90,5 +90,5 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     versions = client.search_model_versions("name='firesight-retriever'")
     assert len(versions) == 2
     best = max(versions, key=lambda v: float(v.tags["test_map"]))
-    assert client.get_model_version_by_alias("firesight-retriever", "champion").version == best.version
+    assert str(client.get_model_version_by_alias("firesight-retriever", "champion").version) == str(best.version)
     assert "alias 'champion'" in log
