@@ -15,6 +15,8 @@ import pandas as pd
 
 from components import tracking
 from components.distributed import Cluster, gpu_available, run_training
+from components.errors import WeightsError
+from components.models.backbones import packaged_imagenet_file
 from components.models.net import read_checkpoint
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
@@ -58,7 +60,12 @@ def optimisation(p: _TrainParams) -> Optimisation:
 
 
 def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
+    """The starting network; its weights file is checked here, before any Ray worker starts."""
     weights = None if m.weights == "none" else m.weights
+    if weights == "imagenet":
+        packaged_imagenet_file(m.backbone)
+    elif weights is not None and not Path(weights).is_file():
+        raise WeightsError(f"model.weights: file not found: {weights} (Firesight never downloads weights)")
     return NetSpec(m.backbone, m.pooling, m.gem_p, m.image_size, weights, m.frozen_stages,
                    str(init_checkpoint.resolve()) if init_checkpoint else None)
 

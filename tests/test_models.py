@@ -94,3 +94,25 @@ def test_freeze_stages_freezes_the_stem_and_leading_blocks(net):
 def test_classifier_head_on_pooled_features(net):
     logits = Classifier(net, 7)(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 7)
+
+
+def test_stage_reports_missing_weights_before_starting_ray(tmp_path):
+    """A bad model.weights stops the classify stage with one line naming it (exit 2), no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["weights"] = str(tmp_path / "missing.pth")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").mkdir()
+    import pandas as pd
+    pd.DataFrame({"id": ["a"], "label": ["x"], "uri": ["a.jpg"], "split": ["cls_train"], "role": ["train"]}).to_parquet(tmp_path / "data" / "splits.parquet")
+    done = subprocess.run([sys.executable, "-m", "pipelines.classify"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 2
+    assert "model.weights: file not found" in done.stderr and "missing.pth" in done.stderr
+    assert "Traceback" not in done.stderr
