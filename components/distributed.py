@@ -23,6 +23,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+import components
 from components.errors import FiresightError
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_train_state
 
@@ -89,7 +90,10 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+        # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs
+        code_root = str(Path(components.__file__).resolve().parent.parent)
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": code_root}})
 
 
 def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, cluster: Cluster, output_dir: Path) -> Path:
