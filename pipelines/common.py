@@ -17,7 +17,9 @@ from components import tracking
 from components.distributed import Cluster, gpu_available, run_training
 from components.errors import WeightsError
 from components.models.backbones import packaged_imagenet_file
-from components.models.net import read_checkpoint
+from components.models.net import load_net, read_checkpoint, save_checkpoint
+from components.models.whitening import fit_pca_whitening
+from components.search.embed import embed_images
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
 from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalValSet
@@ -56,7 +58,18 @@ def retrieval_set(splits: pd.DataFrame, split: str) -> RetrievalValSet:
 
 def optimisation(p: _TrainParams) -> Optimisation:
     return Optimisation(p.epochs, p.batch_size, p.lr, p.momentum, p.weight_decay, p.lr_step_epochs, p.lr_gamma,
-                        tuple(p.train_max_side), p.hflip, p.seed, getattr(p, "head_lr_multiplier", 1.0))
+                        tuple(p.train_max_side), p.hflip, p.seed, getattr(p, "head_lr_multiplier", 1.0),
+                        p.rotation_degrees, p.color_jitter)
+
+
+def fit_whitening(checkpoint: Path, train_uris: list[str], dim: int | None, image_size: int, batch_size: int) -> None:
+    """Learn PCA-whitening on the TRAIN classes' descriptors (never the test database) and add it to the
+    checkpoint's net as a trainable shift + fc layer."""
+    net = load_net(checkpoint)
+    _, train_desc = embed_images(net, train_uris, batch_size=batch_size, image_size=image_size, progress=True,
+                                 desc="whitening: train descriptors")
+    net.set_whitening(*fit_pca_whitening(train_desc, dim))
+    save_checkpoint(checkpoint, net, {"whitening_fit_on": f"{len(train_uris)} train-class images"})
 
 
 def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
@@ -101,12 +114,16 @@ def params_dict(params: Params, *sections: str) -> dict:
     return {s: getattr(params, s).model_dump(mode="json") for s in sections}
 
 
-def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_dir: Path, select: str) -> dict:
+def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_dir: Path, select: str,
+                    after_training: Callable[[Path], None] | None = None) -> dict:
     """Run a training loop as a Ray Train job inside an MLflow run; write model_dir/{best.pt, history.json,
-    meta.json} and metrics/<stage>.json (best epoch, its val metrics, val mAP before training, wall time)."""
+    meta.json} and metrics/<stage>.json (best epoch, its val metrics, val mAP before training, wall time).
+    `after_training(model_dir)` may rewrite best.pt (e.g. add whitening) before it is recorded."""
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run(stage, params_dict(params, "model", stage, "ray")), stopwatch() as timing:
         run_training(loop, job, name=stage, cluster=cluster(params.ray), output_dir=model_dir)
+        if after_training is not None:
+            after_training(model_dir)
         write_json(model_dir / "meta.json", read_checkpoint(model_dir / BEST_MODEL_FILE)["meta"])
         history = json.loads((model_dir / HISTORY_FILE).read_text())
         tracking.log_history(history)

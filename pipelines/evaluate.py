@@ -10,11 +10,12 @@ import pandas as pd
 
 from components import tracking
 from components.data.images import load_rgb
-from components.evaluation.metrics import distance_summary, evaluate_rankings, pair_distances
+from components.evaluation.metrics import distance_summary, pair_distances
+from components.evaluation.protocol import score_queries
 from components.evaluation.plots import plot_distance_histograms
 from components.models.net import load_net
 from components.search.embed import embed_images
-from components.search.index import build_index, load_index, search
+from components.search.index import load_index
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
@@ -38,15 +39,15 @@ def main(params: Params) -> None:
 
         net = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)
         _, q_desc = embed_images(net, queries["uri"].tolist(), batch_size=bs, image_size=size, progress=True, desc="queries")
-        _, ranking = search(load_index(INDEX_DIR / "faiss.index"), q_desc, k=len(ids))
-        finetuned = evaluate_rankings(queries["label"].to_numpy(), ids["label"].to_numpy(), ranking, ranks)
+        finetuned, q_desc = score_queries(q_desc, queries["label"], db_desc, ids["label"], ranks=ranks,
+                                          index=load_index(INDEX_DIR / "faiss.index"),
+                                          qe_k=params.evaluate.qe_k, qe_alpha=params.evaluate.qe_alpha)
 
         db_uris = test.set_index("id").loc[ids["id"], "uri"].tolist()
         baseline_net = net_spec(params.model).build().eval()  # the same architecture, never trained here
         _, base_db = embed_images(baseline_net, db_uris, batch_size=bs, progress=True, desc="off-the-shelf db")
         _, base_q = embed_images(baseline_net, queries["uri"].tolist(), batch_size=bs, desc="off-the-shelf queries")
-        _, base_ranking = search(build_index(base_db), base_q, k=len(ids))
-        baseline = evaluate_rankings(queries["label"].to_numpy(), ids["label"].to_numpy(), base_ranking, ranks)
+        baseline, _ = score_queries(base_q, queries["label"], base_db, ids["label"], ranks=ranks)
 
         distances = {
             "fine-tuned": pair_distances(q_desc, queries["label"], db_desc, ids["label"]),

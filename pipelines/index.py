@@ -9,6 +9,7 @@ import numpy as np
 from components.models.net import load_net
 from components.search.embed import embed_images
 from components.search.index import build_index, save_index
+from components.search.postprocess import database_augmentation
 from components.storage import atomic_write_path, write_json, write_parquet
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
@@ -25,6 +26,8 @@ def main(params: Params) -> None:
         db = splits[(splits["split"] == "test") & (splits["role"] == "db")].sort_values(["label", "id"])
         _, descriptors = embed_images(net, db["uri"].tolist(), batch_size=params.index.batch_size,
                                       image_size=params.model.image_size, progress=True, desc="index")
+        if params.index.dba_k:
+            descriptors = database_augmentation(descriptors, params.index.dba_k, params.index.dba_alpha)
         with atomic_write_path(INDEX_DIR / "descriptors.npy") as tmp:
             np.save(tmp, descriptors)
         write_parquet(INDEX_DIR / "ids.parquet", db[["id", "label"]].reset_index(drop=True))

@@ -52,7 +52,7 @@ class SplitParams(_Section):
 class ModelParams(_Section):
     backbone: str = "tf_efficientnet_lite0"
     weights: str = Field(default="imagenet", description="'imagenet' (packaged offline weights) or a weights file path")
-    pooling: Literal["mac", "spoc", "gem"] = "gem"
+    pooling: Literal["mac", "spoc", "gem", "rmac"] = "gem"
     gem_p: float = Field(default=3.0, gt=0)
     frozen_stages: int = Field(default=0, ge=0, description="leading backbone stages kept frozen (stage 0 is the stem)")
     image_size: int = Field(default=224, ge=32, description="longer side of every image at evaluation time")
@@ -68,6 +68,8 @@ class _TrainParams(_Section):
     lr_gamma: float = Field(default=0.1, gt=0, le=1)
     train_max_side: tuple[int, int] = Field(description="random resize range of the longer side while training")
     hflip: bool = True
+    rotation_degrees: float = Field(default=0.0, ge=0, le=45, description="random rotation range (±degrees)")
+    color_jitter: float = Field(default=0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -82,12 +84,26 @@ class ClassifyParams(_TrainParams):
     head_lr_multiplier: float = Field(default=10.0, gt=0, description="the new linear head's lr = lr × this")
 
 
+class WhiteningParams(_Section):
+    enabled: bool = False
+    dim: int | None = Field(default=None, ge=1, description="output dimension (PCA reduction); null keeps all")
+
+
 class RetrievalParams(_TrainParams):
-    pos_margin: float = Field(ge=0, description="m+: positive pairs closer than this cost nothing")
+    init: Literal["classifier", "imagenet"] = Field(default="classifier", description="start from the best classifier or ImageNet")
+    loss: Literal["contrastive", "triplet", "siamese"] = "contrastive"
+    pos_margin: float = Field(ge=0, description="m+: positive pairs closer than this cost nothing (0 = single margin)")
     neg_margin: float = Field(gt=0, description="m-: negative pairs farther than this cost nothing")
+    squared_hinge: bool = True
+    mining: Literal["random", "hard_negative"] = Field(default="random", description="how pairs are drawn")
+    mining_pool_size: int = Field(default=2000, ge=2, description="random pool the hard negatives are mined from")
     pos_pairs_per_class: int = Field(default=180, ge=1)
     neg_pairs_per_class: int = Field(default=180, ge=1)
-    redraw_every: int = Field(default=5, ge=1, description="epochs between two draws of the random pairs")
+    redraw_every: int = Field(default=5, ge=1, description="epochs between two draws of the pairs")
+    triplet_margin: float = Field(default=0.1, gt=0)
+    classes_per_batch: int = Field(default=8, ge=2, description="P of the P×K triplet batches")
+    images_per_class: int = Field(default=4, ge=2, description="K of the P×K triplet batches")
+    whitening: WhiteningParams = WhiteningParams()
 
     @model_validator(mode="after")
     def _margins_ordered(self):
@@ -105,10 +121,14 @@ class RayParams(_Section):
 
 class IndexParams(_Section):
     batch_size: int = Field(default=32, ge=1)
+    dba_k: int = Field(default=0, ge=0, description="database-side augmentation neighbours; 0 = off")
+    dba_alpha: float = Field(default=3.0, ge=0)
 
 
 class EvaluateParams(_Section):
     cmc_ranks: list[int] = [1, 5, 10]
+    qe_k: int = Field(default=0, ge=0, description="αQE neighbours; 0 = off")
+    qe_alpha: float = Field(default=3.0, ge=0, description="αQE weight exponent; 0 = plain average QE")
     registered_model: str = "firesight-retriever"
     champion_alias: str = "champion"
 

@@ -58,3 +58,31 @@ def test_pair_transform_stacks_firsts_then_seconds():
     images, y, i, j = t([(_image(16, 16, 0), _image(16, 16, 255), 1, 0, 1), (_image(16, 16, 0), _image(16, 16, 255), 0, 2, 3)])
     assert images.shape == (4, 3, 16, 16) and y.tolist() == [1, 0] and i.tolist() == [0, 2] and j.tolist() == [1, 3]
     assert images[:2].mean() < 0 < images[2:].mean()
+
+
+def _half_image(w: int = 24, h: int = 24) -> Image.Image:
+    img = _image(w, h, 40)
+    img.paste((220, 120, 60), (0, 0, w // 2, h))
+    return img
+
+
+@pytest.mark.parametrize("options", [{"rotation_degrees": 10.0}, {"color_jitter": 0.4}])
+def test_training_augmentation_changes_tensors(options):
+    plain = BatchTransform((0.5,) * 3, (0.5,) * 3, (24, 24))([(_half_image(), 0)])[0]
+    torch.manual_seed(0)
+    t = BatchTransform((0.5,) * 3, (0.5,) * 3, (24, 24), **options)
+    draws = [t([(_half_image(), 0)])[0] for _ in range(3)]
+    assert all(d.shape == plain.shape for d in draws)
+    assert all(not torch.equal(d, plain) for d in draws) and not torch.equal(draws[0], draws[1])
+
+
+def test_augmentation_defaults_and_eval_are_unchanged():
+    meta = {"mean": [0.5] * 3, "std": [0.5] * 3, "image_size": 24}
+    t = BatchTransform.for_eval(meta)
+    assert t.rotate is None and t.jitter is None and t.flip is None
+    plain = BatchTransform((0.5,) * 3, (0.5,) * 3, (24, 24))([(_half_image(), 0)])[0]
+    assert torch.equal(t([(_half_image(), 0)])[0], plain)
+    pair = PairBatchTransform((0.5,) * 3, (0.5,) * 3, (24, 24), rotation_degrees=5.0, color_jitter=0.2)
+    assert pair.rotate is not None and pair.jitter is not None
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BatchTransform((0.5,) * 3, (0.5,) * 3, (24, 24), rotation_degrees=-1.0)

@@ -1,8 +1,8 @@
 """Batch preprocessing: resize the longer side to S, normalise, pad to S×S so any aspect ratio batches.
 
 Padding is added after normalisation with zeros, i.e. the dataset mean, centred. Training draws one random S
-per batch from a range (DeepFirearm: [256, 384]) and flips each image at random; evaluation uses a fixed S, so
-an image's descriptor never depends on the batch it is in.
+per batch from a range (DeepFirearm: [256, 384]) and may flip, colour-jitter and slightly rotate each image at
+random; evaluation uses a fixed S and no augmentation, so an image's descriptor never depends on the batch it is in.
 """
 
 from __future__ import annotations
@@ -25,14 +25,28 @@ class BatchTransform:
         max_side: tuple[int, int],
         hflip: bool = False,
         seed: int | None = None,
+        rotation_degrees: float = 0.0,
+        color_jitter: float = 0.0,
     ) -> None:
+        """rotation_degrees: rotate each image by U(−r, r)° (bilinear; corners filled with 0 = the mean, like the
+        padding). color_jitter: brightness, contrast and saturation factors drawn from U(max(0, 1 − j), 1 + j),
+        before normalisation. 0 disables either. The flip and both augmentations draw from torch's global RNG.
+        """
         lo, hi = max_side
         if not 0 < lo <= hi:
             raise ValueError(f"max_side must be (low, high) with 0 < low <= high, got {max_side}")
+        if rotation_degrees < 0 or color_jitter < 0:
+            raise ValueError(f"rotation_degrees and color_jitter must be >= 0, got {rotation_degrees}, {color_jitter}")
         self.max_side = (lo, hi)
         self.to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
         self.normalize = v2.Normalize(list(mean), list(std))
         self.flip = v2.RandomHorizontalFlip() if hflip else None
+        self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.rotate = (
+            v2.RandomRotation(rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=0.0)
+            if rotation_degrees > 0
+            else None
+        )
         self.rng = random.Random(seed)
 
     @classmethod
@@ -45,7 +59,11 @@ class BatchTransform:
         x = v2.functional.resize(x, size=None, max_size=side, antialias=True) if max(x.shape[-2:]) != side else x
         if self.flip is not None:
             x = self.flip(x)
+        if self.jitter is not None:
+            x = self.jitter(x)
         x = self.normalize(x)
+        if self.rotate is not None:
+            x = self.rotate(x)
         return v2.functional.center_crop(x, [side, side])  # pads with zeros (= the mean) up to S×S
 
     def __call__(self, batch: list[tuple]) -> tuple[torch.Tensor, ...]:

@@ -1,10 +1,11 @@
-"""RetrievalNet: backbone → pooling → L2, with the `meta` dict every checkpoint carries."""
+"""RetrievalNet: backbone → pooling → L2 (→ whitening → L2), with the `meta` dict every checkpoint carries."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,16 +13,18 @@ from torch import nn
 from components.errors import CheckpointError
 from components.models.backbones import create_backbone, freeze_stages
 from components.models.pooling import make_pooling
+from components.models.whitening import Whitening
 from components.storage import atomic_write_path
 
 CHECKPOINT_FORMAT = 1
 
 
 class RetrievalNet(nn.Module):
-    """Fully-convolutional backbone → global pooling → L2 normalisation.
+    """Fully-convolutional backbone → global pooling → L2 normalisation → optional whitening (→ L2).
 
     `meta` holds everything needed to rebuild the network and preprocess images for it:
-    arch, pooling, gem_p, dim, mean, std, image_size.
+    arch, pooling, gem_p, image_size, mean, std, whitening_dim (None: no whitening layer) and dim, the
+    descriptor size (whitening_dim if set, else the backbone's channel count `pooled_dim`).
     """
 
     def __init__(self, meta: dict[str, Any], weights: str | None = None) -> None:
@@ -29,7 +32,16 @@ class RetrievalNet(nn.Module):
         backbone = create_backbone(meta["arch"], weights)
         self.backbone = backbone.module
         self.pool = make_pooling(meta["pooling"], meta.get("gem_p", 3.0))
-        self.meta = {**meta, "dim": backbone.dim, "mean": list(backbone.mean), "std": list(backbone.std)}
+        self.pooled_dim = backbone.dim
+        whitening_dim = meta.get("whitening_dim")
+        self.whitening = None if whitening_dim is None else Whitening(backbone.dim, whitening_dim)
+        self.meta = {
+            **meta,
+            "dim": backbone.dim if whitening_dim is None else whitening_dim,
+            "whitening_dim": whitening_dim,
+            "mean": list(backbone.mean),
+            "std": list(backbone.std),
+        }
 
     @classmethod
     def create(
@@ -42,7 +54,21 @@ class RetrievalNet(nn.Module):
         return self.pool(self.backbone.forward_features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.pooled(images), dim=-1)
+        x = F.normalize(self.pooled(images), dim=-1)
+        return x if self.whitening is None else self.whitening(x)
+
+    def set_whitening(self, mean: np.ndarray | torch.Tensor, projection: np.ndarray | torch.Tensor) -> None:
+        """Add (or replace) a trainable whitening layer y = L2(P(x − μ)) initialised from a fitted PCA.
+
+        (mean, projection) come from `fit_pca_whitening` on un-whitened descriptors of training images.
+        """
+        layer = Whitening.from_pca(mean, projection)
+        if layer.input_dim != self.pooled_dim:
+            raise ValueError(
+                f"whitening expects {layer.input_dim}-dim input, the pooled descriptors have {self.pooled_dim}"
+            )
+        self.whitening = layer.to(next(self.backbone.parameters()).device)
+        self.meta = {**self.meta, "dim": layer.dim, "whitening_dim": layer.dim}
 
     def freeze(self, n_stages: int) -> None:
         freeze_stages(self.backbone, n_stages)
@@ -54,7 +80,7 @@ class Classifier(nn.Module):
     def __init__(self, net: RetrievalNet, num_classes: int) -> None:
         super().__init__()
         self.net = net
-        self.head = nn.Linear(net.meta["dim"], num_classes)
+        self.head = nn.Linear(net.pooled_dim, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.net.pooled(images))

@@ -22,11 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from components.data.datasets import ImageDataset, PairDataset
-from components.data.samplers import draw_random_pairs
+from components.data.samplers import (PKBatchSampler, draw_query_positives, draw_random_pairs, draw_ratio_pairs,
+                                      mine_hard_negative_pairs)
 from components.data.transforms import BatchTransform, PairBatchTransform
 from components.evaluation.metrics import evaluate_rankings
 from components.losses.classification import balanced_class_weights
 from components.losses.contrastive import DoubleMarginContrastiveLoss
+from components.losses.triplet import BatchHardTripletLoss
+from components.losses.verification import NegativeRatioSchedule, SiameseIdVerLoss
 from components.models.net import Classifier, RetrievalNet, freeze_batchnorm_statistics, load_net, save_checkpoint
 from components.search.embed import embed_images
 from components.search.index import build_index, search
@@ -46,6 +49,8 @@ class Optimisation:
     hflip: bool
     seed: int
     head_lr_multiplier: float = 1.0
+    rotation_degrees: float = 0.0
+    color_jitter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,34 @@ class RetrievalJob:
     redraw_every: int
     eval_batch_size: int = 32
     audit_dir: str | None = None
+    loss: str = "contrastive"  # contrastive (m+ = 0: single margin) | triplet (P×K batch-hard) | siamese (id + verification)
+    squared_hinge: bool = True
+    mining: str = "random"  # pairs: random (DeepFirearm) | hard_negative (one per class from a pool, current model)
+    mining_pool_size: int = 2000
+    triplet_margin: float = 0.1
+    classes_per_batch: int = 8
+    images_per_class: int = 4
+
+    def __post_init__(self) -> None:
+        if self.loss not in RETRIEVAL_LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {RETRIEVAL_LOSSES}")
+        if self.mining not in PAIR_MINING:
+            raise ValueError(f"unknown mining {self.mining!r}; expected one of {PAIR_MINING}")
+
+
+RETRIEVAL_LOSSES = ("contrastive", "triplet", "siamese")
+PAIR_MINING = ("random", "hard_negative")
+
+
+class _RetrievalModel(nn.Module):
+    """The net plus the loss's own parameters (siamese heads), so one optimiser and one DDP wrapper see both."""
+
+    def __init__(self, net: RetrievalNet, loss: nn.Module) -> None:
+        super().__init__()
+        self.net, self.loss = net, loss
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
 
 
 @dataclass
@@ -143,7 +176,7 @@ def train_classifier(job: ClassifyJob, ctx: WorkerContext) -> None:
     model = Classifier(net, len(job.classes)).to(ctx.device)
     criterion = nn.CrossEntropyLoss(weight=balanced_class_weights(np.array(job.train.labels), len(job.classes)).to(ctx.device))
     train_set = ImageDataset(job.train.uris, job.train.labels)
-    collate = BatchTransform(net.meta["mean"], net.meta["std"], job.optim.train_max_side, job.optim.hflip, seed=job.optim.seed + ctx.rank)
+    collate = _augmenting(BatchTransform, net, job.optim, ctx)
 
     def run_epoch(ddp: nn.Module, epoch: int) -> tuple[float, list[int]]:
         sampler = _sampler(train_set, ctx, job.optim.seed, shuffle=True)
@@ -168,34 +201,96 @@ def train_classifier(job: ClassifyJob, ctx: WorkerContext) -> None:
 
 
 def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
-    """Stage 2: double-margin contrastive loss on random pairs redrawn every `redraw_every` epochs; selects by val mAP."""
-    torch.manual_seed(job.optim.seed)
-    net = job.net.build().to(ctx.device)
-    criterion = DoubleMarginContrastiveLoss(job.pos_margin, job.neg_margin)
-    labels = np.array(job.train.labels)
-    collate = PairBatchTransform(net.meta["mean"], net.meta["std"], job.optim.train_max_side, job.optim.hflip, seed=job.optim.seed + ctx.rank)
+    """Stage 2: metric learning on the train classes, selecting by val mAP.
 
-    def run_epoch(ddp: nn.Module, epoch: int) -> tuple[float, list[int]]:
-        draw = (epoch - 1) // job.redraw_every  # the same pairs on every rank: seeded by the draw number
-        pairs = draw_random_pairs(labels, job.pos_pairs_per_class, job.neg_pairs_per_class, np.random.default_rng([job.optim.seed, draw]))
-        pair_set = PairDataset(job.train.uris, pairs)
+    contrastive/siamese train on pairs (random, or with hard negatives mined by the current model) redrawn every
+    `redraw_every` epochs (siamese: every epoch, its negative share grows ×1.01 per epoch up to 1:4); triplet trains
+    on P×K batches with in-batch hard mining.
+    """
+    torch.manual_seed(job.optim.seed)
+    net = job.net.build()
+    labels = np.array(job.train.labels)
+    model = _RetrievalModel(net, _retrieval_loss(job, net.meta["dim"], int(labels.max()) + 1)).to(ctx.device)
+    label_tensor = torch.as_tensor(labels, device=ctx.device)
+    pairs_of_draw: dict[int, np.ndarray] = {}
+
+    def pairs_for(epoch: int) -> np.ndarray:
+        draw = epoch if job.loss == "siamese" else (epoch - 1) // job.redraw_every
+        if draw not in pairs_of_draw:  # identical on every rank: seeded by the draw, mined on gathered descriptors
+            rng = np.random.default_rng([job.optim.seed, draw])
+            pairs_of_draw.clear()
+            pairs_of_draw[draw] = (_ratio_pairs(labels, job.pos_pairs_per_class, epoch, rng) if job.loss == "siamese"
+                                   else _mined_pairs(net, job, labels, rng, ctx) if job.mining == "hard_negative"
+                                   else draw_random_pairs(labels, job.pos_pairs_per_class, job.neg_pairs_per_class, rng))
+        return pairs_of_draw[draw]
+
+    def run_pairs_epoch(ddp: nn.Module, epoch: int) -> tuple[float, list[int]]:
+        pair_set = PairDataset(job.train.uris, pairs_for(epoch))
         sampler = _sampler(pair_set, ctx, job.optim.seed, shuffle=True)
         sampler.set_epoch(epoch)
-        loader = DataLoader(pair_set, batch_size=job.optim.batch_size, sampler=sampler, collate_fn=collate)
+        loader = DataLoader(pair_set, batch_size=job.optim.batch_size, sampler=sampler, collate_fn=_augmenting(PairBatchTransform, net, job.optim, ctx))
         losses = []
-        for images, y, _, _ in loader:
+        for images, y, i, j in loader:
             a, b = ddp(images.to(ctx.device)).chunk(2)
-            loss = criterion(a, b, y.to(ctx.device))
+            y = y.to(ctx.device)
+            loss = model.loss(a, b, y, label_tensor[i], label_tensor[j]) if job.loss == "siamese" else model.loss(a, b, y)
             _step(optimizer, loss)
             losses.append(loss.item())
         return float(np.mean(losses)), list(sampler)
 
+    def run_triplet_epoch(ddp: nn.Module, epoch: int) -> tuple[float, list[int]]:
+        sampler = PKBatchSampler(labels, job.classes_per_batch, job.images_per_class, seed=job.optim.seed,
+                                 num_replicas=ctx.world_size, rank=ctx.rank)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(ImageDataset(job.train.uris, job.train.labels), batch_sampler=sampler,
+                            collate_fn=_augmenting(BatchTransform, net, job.optim, ctx))
+        losses, seen = [], []
+        for images, batch_labels, idx in loader:
+            loss = model.loss(ddp(images.to(ctx.device)), batch_labels.to(ctx.device))
+            _step(optimizer, loss)
+            losses.append(loss.item())
+            seen.extend(idx.tolist())
+        return float(np.mean(losses)), seen
+
     def evaluate(epoch: int) -> dict[str, float]:
         return {"val_map": _val_map(net, job.retrieval_val, job.eval_batch_size, ctx)}
 
-    optimizer = _optimizer(net, job.optim)
-    _fit(net, net, optimizer, job.optim, ctx, "val_map", run_epoch, evaluate, job.audit_dir,
-         extra_meta={"stage": "retrieval", "pos_margin": job.pos_margin, "neg_margin": job.neg_margin})
+    optimizer = _optimizer(model, job.optim)
+    _fit(model, net, optimizer, job.optim, ctx, "val_map", run_triplet_epoch if job.loss == "triplet" else run_pairs_epoch,
+         evaluate, job.audit_dir, extra_meta={"stage": "retrieval", "loss": job.loss, "mining": job.mining,
+                                              "pos_margin": job.pos_margin, "neg_margin": job.neg_margin})
+
+
+def _retrieval_loss(job: RetrievalJob, dim: int, num_classes: int) -> nn.Module:
+    if job.loss == "triplet":
+        return BatchHardTripletLoss(job.triplet_margin)
+    if job.loss == "siamese":
+        return SiameseIdVerLoss(dim, num_classes)
+    return DoubleMarginContrastiveLoss(job.pos_margin, job.neg_margin, squared=job.squared_hinge)
+
+
+def _ratio_pairs(labels: np.ndarray, pos_per_class: int, epoch: int, rng: np.random.Generator) -> np.ndarray:
+    return draw_ratio_pairs(labels, pos_per_class, NegativeRatioSchedule().ratio(epoch), rng)
+
+
+def _mined_pairs(net: RetrievalNet, job: RetrievalJob, labels: np.ndarray, rng: np.random.Generator, ctx: WorkerContext) -> np.ndarray:
+    """cnnimageretrieval-style draw: random queries, each with a random positive and the hardest negatives (one per
+    class) among a random pool, ranked by the current model's descriptors."""
+    n, classes = len(labels), len(np.unique(labels))
+    queries = np.sort(rng.choice(n, size=min(n, classes * job.pos_pairs_per_class), replace=False))
+    pool = np.sort(rng.choice(n, size=min(n, job.mining_pool_size), replace=False))
+    needed = np.union1d(queries, pool)
+    desc = _embed_all(net, job.train.uris, needed, job.eval_batch_size, ctx)
+    row = {int(k): r for r, k in enumerate(needed)}
+    q_desc, p_desc = desc[[row[int(k)] for k in queries]], desc[[row[int(k)] for k in pool]]
+    negatives = mine_hard_negative_pairs(q_desc, labels[queries], p_desc, labels[pool], queries, pool,
+                                         negatives_per_query=max(1, round(job.neg_pairs_per_class / job.pos_pairs_per_class)))
+    return np.concatenate([draw_query_positives(queries, labels, rng), negatives])
+
+
+def _augmenting(transform: type[BatchTransform], net: RetrievalNet, optim: Optimisation, ctx: WorkerContext) -> BatchTransform:
+    return transform(net.meta["mean"], net.meta["std"], optim.train_max_side, optim.hflip, seed=optim.seed + ctx.rank,
+                     rotation_degrees=optim.rotation_degrees, color_jitter=optim.color_jitter)
 
 
 def _fit(model, net, optimizer, optim: Optimisation, ctx: WorkerContext, metric: str, run_epoch, evaluate, audit_dir, extra_meta) -> None:
@@ -274,12 +369,20 @@ def _accuracy(model: Classifier, images: LabelledImages, meta: dict, batch_size:
     return sum(c for c, _ in counts) / max(1, sum(t for _, t in counts))
 
 
+def _embed_all(net: RetrievalNet, uris: list[str], indices: np.ndarray, batch_size: int, ctx: WorkerContext) -> np.ndarray:
+    """Descriptors of uris[indices] (in that order): each rank embeds a shard, every rank gets them all."""
+    keys, desc = embed_images(net, uris, batch_size=batch_size, device=ctx.device,
+                              indices=indices[ctx.rank::ctx.world_size].tolist())
+    parts = gather_objects((keys, desc))
+    where = {int(k): r for r, k in enumerate(indices)}
+    out = np.empty((len(indices), net.meta["dim"]), dtype=np.float32)
+    for keys, part in parts:
+        out[[where[int(k)] for k in keys]] = part
+    return out
+
+
 def _val_map(net: RetrievalNet, val: RetrievalValSet, batch_size: int, ctx: WorkerContext) -> float:
-    idx, desc = embed_images(net, val.uris, batch_size=batch_size, device=ctx.device, indices=_shard(len(val.uris), ctx))
-    parts = gather_objects((idx, desc))
-    order = np.concatenate([p[0] for p in parts])
-    descriptors = np.empty((len(val.uris), desc.shape[1]), dtype=np.float32)
-    descriptors[order] = np.concatenate([p[1] for p in parts])
+    descriptors = _embed_all(net, val.uris, np.arange(len(val.uris)), batch_size, ctx)
     is_query = np.array(val.is_query)
     labels = np.array(val.labels)
     db = np.flatnonzero(~is_query)

@@ -1,0 +1,147 @@
+"""The paper's ablation on the current split, in one command:
+
+    python -m pipelines.ablation            # after `dvc repro` (uses data/splits.parquet and models/classify)
+
+Rows: off-the-shelf ImageNet; retr-s (single margin, from ImageNet); retr-d (double margin, from ImageNet); cls;
+cls + retr-d; cls + triplet; cls + retr-d + whitening + αQE. Each trained row is a Ray Train job with the
+`retrieval` params of params.yaml (only the row's own differences applied). Writes docs/ablation.md and
+docs/ablation.json, and one MLflow run per row nested under an `ablation` run.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from components import tracking
+from components.distributed import run_training
+from components.errors import FiresightError
+from components.evaluation.protocol import score_queries
+from components.models.net import RetrievalNet, load_net
+from components.search.embed import embed_images
+from components.storage import atomic_write_path, write_json
+from components.training.context import BEST_MODEL_FILE
+from components.training.loops import train_retrieval
+from pipelines.common import CLASSIFY_DIR, cluster, git_commit, load_splits, net_spec, stopwatch
+from pipelines.params import DEFAULT_PARAMS, Params, WhiteningParams, load_params
+from pipelines.retrieval import retrieval_job, whitening_step
+
+log = logging.getLogger("ablation")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    train: dict | None = None  # retrieval-param overrides of a trained row; None: no retrieval training
+    start: str = "imagenet"  # imagenet | classifier | <name of an earlier row> (no training, post-processing only)
+    whitening: bool = False
+    qe: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+ROWS = [
+    Row("off-the-shelf"),
+    Row("retr-s", {"init": "imagenet", "loss": "contrastive", "pos_margin": 0.0}),
+    Row("retr-d", {"init": "imagenet", "loss": "contrastive"}),
+    Row("cls", start="classifier"),
+    Row("cls + retr-d", {"init": "classifier", "loss": "contrastive"}),
+    Row("cls + triplet", {"init": "classifier", "loss": "triplet"}),
+    Row("cls + retr-d + whitening + αQE", start="cls + retr-d", whitening=True, qe=True),
+]
+
+
+def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
+    if not (CLASSIFY_DIR / BEST_MODEL_FILE).is_file():
+        raise FiresightError(f"{CLASSIFY_DIR / BEST_MODEL_FILE} is missing: run `dvc repro` first (the ablation uses its split and classifier)")
+    splits = load_splits()
+    test = splits[splits["split"] == "test"].sort_values(["role", "label", "id"])
+    queries, db = test[test["role"] == "query"], test[test["role"] == "db"]
+    size, bs = params.model.image_size, params.index.batch_size
+    models: dict[str, Path] = {}
+    results: list[dict] = []
+    workdir = Path(tempfile.mkdtemp(prefix="ablation-", dir="."))
+    tracking.configure(params.tracking.uri, params.tracking.experiment)
+    with tracking.stage_run("ablation", {"retrieval": params.retrieval.model_dump(mode="json"), "qe_k": qe_k, "qe_alpha": qe_alpha},
+                            {"git_commit": git_commit()}):
+        for row in ROWS:
+            with tracking.mlflow.start_run(run_name=f"ablation: {row.name}", nested=True), stopwatch() as timing:
+                model_dir = workdir / f"row{len(results)}"
+                if row.train is not None:
+                    p = params.retrieval.model_copy(update=row.train)
+                    run_training(train_retrieval, retrieval_job(params, p, splits), name="ablation",
+                                 cluster=cluster(params.ray), output_dir=model_dir)
+                    tracking.mlflow.log_params({f"retrieval.{k}": v for k, v in row.train.items()})
+                elif row.start in models:
+                    shutil.copytree(models[row.start].parent, model_dir)
+                    if row.whitening:
+                        whitening_step(params, params.retrieval.model_copy(update={"whitening": WhiteningParams(enabled=True)}), splits)(model_dir)
+                models[row.name] = model_dir / BEST_MODEL_FILE
+                net = _net(row, params, models)
+                _, q_desc = embed_images(net, queries["uri"].tolist(), batch_size=bs, image_size=size)
+                _, db_desc = embed_images(net, db["uri"].tolist(), batch_size=bs, image_size=size, progress=True, desc=row.name)
+                metrics, _ = score_queries(q_desc, queries["label"], db_desc, db["label"],
+                                           ranks=params.evaluate.cmc_ranks, qe_k=qe_k if row.qe else 0, qe_alpha=qe_alpha)
+            tracking.mlflow.log_metrics({f"test_{k.replace('@', '_at_')}": float(v) for k, v in metrics.items()})
+            results.append({"row": row.name, **metrics, **timing})
+            log.info("%s: mAP %.4f, CMC@1 %.4f (%.0f s)", row.name, metrics["map"], metrics["cmc@1"], timing["wall_seconds"])
+        shutil.rmtree(workdir, ignore_errors=True)
+        write_json(output.with_suffix(".json"), results)
+        with atomic_write_path(output) as tmp:
+            tmp.write_text(markdown_table(results, params, qe_k, qe_alpha))
+        tracking.mlflow.log_artifact(str(output))
+    return results
+
+
+def _net(row: Row, params: Params, models: dict[str, Path]) -> RetrievalNet:
+    if row.train is None and row.start == "imagenet":
+        return net_spec(params.model).build().eval()
+    if row.start == "classifier" and row.train is None:
+        return load_net(CLASSIFY_DIR / BEST_MODEL_FILE)
+    return load_net(models[row.name])
+
+
+def markdown_table(results: list[dict], params: Params, qe_k: int, qe_alpha: float) -> str:
+    base = results[0]["map"]
+    ranks = params.evaluate.cmc_ranks
+    lines = [
+        f"| method | test mAP | {' | '.join(f'CMC@{k}' for k in ranks)} | mAP vs off-the-shelf | wall time (s) |",
+        "|---|---|" + "---|" * len(ranks) + "---|---|",
+    ]
+    for r in results:
+        rel = "—" if r is results[0] else f"{100 * (r['map'] - base) / base:+.1f}%"
+        cmc = " | ".join(f"{r[f'cmc@{k}']:.3f}" for k in ranks)
+        lines.append(f"| {r['row']} | {r['map']:.4f} | {cmc} | {rel} | {r['wall_seconds']:.0f} |")
+    m, rp = params.model, params.retrieval
+    lines += [
+        "",
+        f"Test: {results[0]['queries']} queries against {results[0]['database']} database images of unseen classes. "
+        f"Backbone {m.backbone} ({m.weights}), {m.pooling} pooling, image size {m.image_size}, frozen stages {m.frozen_stages}; "
+        f"retrieval: {rp.epochs} epochs, lr {rp.lr}, margins m+ {rp.pos_margin} / m− {rp.neg_margin} (retr-s: m+ 0), "
+        f"{rp.pos_pairs_per_class}+{rp.neg_pairs_per_class} pairs per class redrawn every {rp.redraw_every} epochs; "
+        f"triplet margin {rp.triplet_margin}, P×K {rp.classes_per_batch}×{rp.images_per_class}; "
+        f"whitening learned on the train classes; αQE k={qe_k}, α={qe_alpha}. Git commit {git_commit()}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(
+    params_file: Path = typer.Option(DEFAULT_PARAMS, "--params", help="params file (its split and classifier must be built)"),
+    output: Path = typer.Option(Path("docs/ablation.md"), help="markdown table (a .json beside it)"),
+    qe_k: int = typer.Option(5, help="αQE neighbours for the last row"),
+    qe_alpha: float = typer.Option(3.0, help="αQE exponent"),
+) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s ablation %(levelname)s %(message)s")
+    try:
+        run(load_params(params_file), output, qe_k, qe_alpha)
+    except FiresightError as e:
+        typer.echo(f"firesight ablation: error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    typer.run(main)

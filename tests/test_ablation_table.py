@@ -1,0 +1,17 @@
+from pipelines.ablation import ROWS, markdown_table
+from pipelines.params import load_params
+
+
+def test_rows_cover_the_papers_table():
+    assert [r.name for r in ROWS] == ["off-the-shelf", "retr-s", "retr-d", "cls", "cls + retr-d", "cls + triplet",
+                                      "cls + retr-d + whitening + αQE"]
+    assert ROWS[1].train["pos_margin"] == 0.0 and "pos_margin" not in ROWS[2].train  # single vs double margin
+
+
+def test_markdown_table_reports_relative_change():
+    params = load_params("params.yaml")
+    rows = [{"row": "off-the-shelf", "map": 0.5, "cmc@1": 0.6, "cmc@5": 0.8, "cmc@10": 0.9, "queries": 4, "database": 20, "wall_seconds": 3},
+            {"row": "cls", "map": 0.6, "cmc@1": 0.7, "cmc@5": 0.8, "cmc@10": 0.9, "queries": 4, "database": 20, "wall_seconds": 4}]
+    table = markdown_table(rows, params, qe_k=5, qe_alpha=3.0)
+    assert "| cls | 0.6000 | 0.700 | 0.800 | 0.900 | +20.0% | 4 |" in table
+    assert "| off-the-shelf | 0.5000 |" in table and "4 queries against 20 database images" in table
