@@ -11,7 +11,8 @@ def test_rows_cover_the_papers_table():
 def test_markdown_table_reports_relative_change():
     params = load_params("params.yaml")
     rows = [{"row": "off-the-shelf", "map": 0.5, "cmc@1": 0.6, "cmc@5": 0.8, "cmc@10": 0.9, "queries": 4, "database": 20, "wall_seconds": 3},
-            {"row": "cls", "map": 0.6, "cmc@1": 0.7, "cmc@5": 0.8, "cmc@10": 0.9, "queries": 4, "database": 20, "wall_seconds": 4}]
+            {"row": "cls + retr-d", "map": 0.6, "cmc@1": 0.7, "cmc@5": 0.8, "cmc@10": 0.9, "queries": 4, "database": 20,
+             "best_epoch": 2, "val_map_start": 0.55, "val_map_last": 0.61, "val_map_best": 0.62, "wall_seconds": 4}]
     table = markdown_table(rows, params, qe_k=5, qe_alpha=3.0)
-    assert "| cls | 0.6000 | 0.700 | 0.800 | 0.900 | +20.0% | 4 |" in table
+    assert "| cls + retr-d | 0.6000 | 0.700 | 0.800 | 0.900 | +20.0% | 0.550 → 0.610 (2) | 4 |" in table
     assert "| off-the-shelf | 0.5000 |" in table and "4 queries against 20 database images" in table
