@@ -1,7 +1,6 @@
-"""Output files written atomically: to a temporary name in the target folder, renamed into place when complete.
-
-Local filesystem only for now.
-"""
+"""Storage: output files written atomically (a temporary name in the target folder, renamed into place when
+complete), and reads of a local path or an s3:// URI (fsspec/s3fs; endpoint and credentials come from the
+environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
 
 from __future__ import annotations
 
@@ -57,3 +56,23 @@ def read_parquet(path: Path | str) -> pd.DataFrame:
         return pd.read_parquet(path)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+
+
+def is_remote(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    """The bytes of a local file or an s3:// object; a missing or unreadable one is a `DataError` naming it."""
+    uri = str(uri)
+    try:
+        if is_remote(uri):
+            import fsspec
+
+            with fsspec.open(uri, "rb") as f:
+                return f.read()
+        return Path(uri).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{uri}: not found") from None
+    except Exception as e:  # network, permissions, credentials: one line naming the object
+        raise DataError(f"cannot read {uri}: {type(e).__name__}: {e}") from None

