@@ -38,7 +38,7 @@ def main() -> None:
         name = f"whitening to {dim or train_desc.shape[1]}"
         results[name] = score_queries(qw, queries["label"], dw, db["label"])[0]["map"]
         results[name + " + αQE"] = score_queries(qw, queries["label"], dw, db["label"], qe_k=5, qe_alpha=3)[0]["map"]
-    print(json.dumps({k: round(v, 4) for k, v in results.items()}, indent=1))
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":
