@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -42,7 +42,6 @@ class Row:
     start: str = "imagenet"  # imagenet | classifier | <name of an earlier row> (no training, post-processing only)
     whitening: bool = False
     qe: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 ROWS = [
