@@ -100,17 +100,17 @@ def register_model(
 ) -> Registration:
     """Log the checkpoint as a pyfunc model in the active run, register it as a new version of `name` with
     `tags`, and move `alias` to it only if `value` of `metric` beats the current holder's."""
-    model = EmbeddingModel()
-    model.load_context(type("Ctx", (), {"artifacts": {"checkpoint": str(checkpoint)}})())
+    from components.models.net import read_checkpoint
+
     example = example_image[None]
-    dim = model.net.meta["dim"]
+    dim = read_checkpoint(checkpoint)["meta"]["dim"]
     signature = ModelSignature(  # any image size; the model resizes to its meta's image_size
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, dim))]),
     )
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=model,
+        python_model=EmbeddingModel(),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(__file__).parent)],
         signature=signature,

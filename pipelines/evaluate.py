@@ -65,11 +65,10 @@ def main(params: Params) -> None:
     write_json(METRICS_FILE, metrics)
     log.info("test mAP %.4f (off-the-shelf %.4f), CMC@1 %.4f (off-the-shelf %.4f)",
              finetuned["map"], baseline["map"], finetuned["cmc@1"], baseline["cmc@1"])
-    _register(params, metrics, queries)
+    _register(params, metrics, queries, net.meta)
 
 
-def _register(params: Params, metrics: dict, queries: pd.DataFrame) -> None:
-    meta = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE).meta
+def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) -> None:
     example = load_rgb(queries["uri"].iloc[0])
     example.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
     tags = {

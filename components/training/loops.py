@@ -25,14 +25,13 @@ from components.data.datasets import ImageDataset, PairDataset
 from components.data.samplers import (PKBatchSampler, draw_query_positives, draw_random_pairs, draw_ratio_pairs,
                                       mine_hard_negative_pairs)
 from components.data.transforms import BatchTransform, PairBatchTransform
-from components.evaluation.metrics import evaluate_rankings
+from components.evaluation.protocol import score_queries
 from components.losses.classification import balanced_class_weights
 from components.losses.contrastive import DoubleMarginContrastiveLoss
 from components.losses.triplet import BatchHardTripletLoss
 from components.losses.verification import NegativeRatioSchedule, SiameseIdVerLoss
 from components.models.net import Classifier, RetrievalNet, freeze_batchnorm_statistics, load_net, save_checkpoint
 from components.search.embed import embed_images
-from components.search.index import build_index, search
 from components.training.context import BEST_MODEL_FILE, TRAIN_STATE_FILE, WorkerContext, gather_objects, write_history
 
 
@@ -385,9 +384,8 @@ def _val_map(net: RetrievalNet, val: RetrievalValSet, batch_size: int, ctx: Work
     descriptors = _embed_all(net, val.uris, np.arange(len(val.uris)), batch_size, ctx)
     is_query = np.array(val.is_query)
     labels = np.array(val.labels)
-    db = np.flatnonzero(~is_query)
-    _, ranking = search(build_index(descriptors[db]), descriptors[is_query], k=len(db))
-    return evaluate_rankings(labels[is_query], labels[db], ranking)["map"]
+    metrics, _ = score_queries(descriptors[is_query], labels[is_query], descriptors[~is_query], labels[~is_query])
+    return metrics["map"]
 
 
 def _write_audit(folder: Path, rank: int, seen_by_epoch: dict[int, list[int]], model: nn.Module) -> None:
