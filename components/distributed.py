@@ -96,13 +96,11 @@ def ensure_ray() -> None:
                  runtime_env={"env_vars": {"PYTHONPATH": code_root}})
 
 
-def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, cluster: Cluster, output_dir: Path) -> Path:
-    """Run `loop(job, ctx)` on `cluster.num_workers` Ray Train workers; copy the best model and the metric
-    history of the final checkpoint into `output_dir` (replacing it whole) and return it."""
-    ensure_ray()
-    storage = Path(cluster.storage_path).resolve()
-    run_name = f"{name}-{uuid.uuid4().hex[:8]}"  # a reused name would resume an old run
-    trainer = TorchTrainer(
+def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, cluster: Cluster,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer that runs `loop(job, ctx)` on `cluster.num_workers` workers (gloo on CPU, nccl on GPU),
+    keeps the latest per-epoch checkpoint and restarts failed workers from it."""
+    return TorchTrainer(
         _worker_entry,
         train_loop_config={"loop": loop, "job": job, "threads": cluster.cpus_per_worker},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
@@ -113,18 +111,32 @@ def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, clust
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=str(Path(cluster.storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
+            callbacks=callbacks,
         ),
     )
-    log.info("Ray Train job %s: %d worker(s), %s", run_name, cluster.num_workers, "nccl/GPU" if cluster.use_gpu else "gloo/CPU")
+
+
+def fit(trainer: TorchTrainer, run_name: str) -> ray.train.Result:
+    """trainer.fit() with a worker's failure surfaced as one line."""
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker exceptions; surface the root cause in one line
         raise TrainingFailed(f"training job {run_name} failed: {_root_cause(e)}") from None
     if result.checkpoint is None:
         raise TrainingFailed(f"training job {run_name} finished without a checkpoint")
+    return result
+
+
+def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, cluster: Cluster, output_dir: Path) -> Path:
+    """Run `loop(job, ctx)` on `cluster.num_workers` Ray Train workers; copy the best model and the metric
+    history of the final checkpoint into `output_dir` (replacing it whole) and return it."""
+    ensure_ray()
+    run_name = f"{name}-{uuid.uuid4().hex[:8]}"  # a reused name would resume an old run
+    log.info("Ray Train job %s: %d worker(s), %s", run_name, cluster.num_workers, "nccl/GPU" if cluster.use_gpu else "gloo/CPU")
+    result = fit(torch_trainer(loop, job, run_name=run_name, cluster=cluster), run_name)
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +146,7 @@ def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, clust
             shutil.copy2(Path(folder) / name, tmp / name)
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(tmp, output_dir)
-    shutil.rmtree(storage / run_name, ignore_errors=True)
+    shutil.rmtree(Path(cluster.storage_path).resolve() / run_name, ignore_errors=True)
     return output_dir
 
 
