@@ -43,6 +43,7 @@ class Cluster:
     use_gpu: bool = False
     storage_path: str = ".ray_results"
     max_failures: int = 1
+    reserved_cpus_per_worker: float | None = None  # Ray's CPU reservation; None: cpus_per_worker (the torch threads)
 
 
 class RayWorkerContext:
@@ -107,7 +108,8 @@ def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, 
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
-            resources_per_worker={"CPU": cluster.cpus_per_worker, **({"GPU": 1} if cluster.use_gpu else {})},
+            resources_per_worker={"CPU": cluster.reserved_cpus_per_worker or cluster.cpus_per_worker,
+                                  **({"GPU": 1} if cluster.use_gpu else {})},
         ),
         run_config=RunConfig(
             name=run_name,

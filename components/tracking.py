@@ -35,10 +35,22 @@ def configure(uri: str, experiment: str) -> None:
 
 
 @contextmanager
-def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    with mlflow.start_run(run_name=stage, tags={"firesight.stage": stage, **(tags or {})}) as run:
-        mlflow.log_params(_flatten(params))
+def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+              resume_tag: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for a stage. With `resume_tag` (a key of `tags`), the latest run of this experiment carrying
+    the same tag value is continued instead of starting a new one (a restored search keeps its parent run)."""
+    tags = {"firesight.stage": stage, **(tags or {})}
+    run_id = _latest_run_with_tag(resume_tag, tags[resume_tag]) if resume_tag else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags) as run:
+        if run_id is None:
+            mlflow.log_params(_flatten(params))
         yield run
+
+
+def _latest_run_with_tag(key: str, value: str) -> str | None:
+    runs = mlflow.search_runs(filter_string=f"tags.`{key}` = '{value}'", order_by=["start_time DESC"], max_results=1,
+                              output_format="list")
+    return runs[0].info.run_id if runs else None
 
 
 def log_history(history: list[dict[str, float]]) -> None:

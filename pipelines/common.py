@@ -29,6 +29,9 @@ MANIFEST = Path("data/manifest.parquet")
 SPLITS = Path("data/splits.parquet")
 CLASSIFY_DIR = Path("models/classify")
 RETRIEVAL_DIR = Path("models/retrieval")
+BEST_MARGINS = Path("tune/best_margins.json")  # the tune stage's choice of (m+, m−), read by retrieval
+TRIALS_TABLE = Path("tune/trials.csv")
+MARGIN_PLOT = Path("plots/margins.png")
 INDEX_DIR = Path("index")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
@@ -115,12 +118,14 @@ def params_dict(params: Params, *sections: str) -> dict:
 
 
 def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_dir: Path, select: str,
-                    after_training: Callable[[Path], None] | None = None) -> dict:
+                    after_training: Callable[[Path], None] | None = None, extra_params: dict | None = None) -> dict:
     """Run a training loop as a Ray Train job inside an MLflow run; write model_dir/{best.pt, history.json,
     meta.json} and metrics/<stage>.json (best epoch, its val metrics, val mAP before training, wall time).
-    `after_training(model_dir)` may rewrite best.pt (e.g. add whitening) before it is recorded."""
+    `after_training(model_dir)` may rewrite best.pt (e.g. add whitening) before it is recorded; `extra_params`
+    are logged beside the params sections (values that come from elsewhere, e.g. tuned margins)."""
     tracking.configure(params.tracking.uri, params.tracking.experiment)
-    with tracking.stage_run(stage, params_dict(params, "model", stage, "ray")), stopwatch() as timing:
+    with tracking.stage_run(stage, {**params_dict(params, "model", stage, "ray"), **(extra_params or {})}), \
+            stopwatch() as timing:
         run_training(loop, job, name=stage, cluster=cluster(params.ray), output_dir=model_dir)
         if after_training is not None:
             after_training(model_dir)

@@ -92,8 +92,9 @@ class WhiteningParams(_Section):
 class RetrievalParams(_TrainParams):
     init: Literal["classifier", "imagenet"] = Field(default="classifier", description="start from the best classifier or ImageNet")
     loss: Literal["contrastive", "triplet", "siamese"] = "contrastive"
-    pos_margin: float = Field(ge=0, description="m+: positive pairs closer than this cost nothing (0 = single margin)")
-    neg_margin: float = Field(gt=0, description="m-: negative pairs farther than this cost nothing")
+    pos_margin: float = Field(ge=0, description="m+: positive pairs closer than this cost nothing (0 = single margin); "
+                                                "used when tune.search is off")
+    neg_margin: float = Field(gt=0, description="m-: negative pairs farther than this cost nothing; used when tune.search is off")
     squared_hinge: bool = True
     mining: Literal["random", "hard_negative"] = Field(default="random", description="how pairs are drawn")
     mining_pool_size: int = Field(default=2000, ge=2, description="random pool the hard negatives are mined from")
@@ -109,6 +110,49 @@ class RetrievalParams(_TrainParams):
     def _margins_ordered(self):
         if self.pos_margin >= self.neg_margin:
             raise ValueError(f"pos_margin ({self.pos_margin}) must be below neg_margin ({self.neg_margin})")
+        return self
+
+
+MIN_MARGIN_GAP = 0.05  # a random/optuna search draws m− at least this far above m+
+
+
+class AshaParams(_Section):
+    enabled: bool = True
+    grace_period: int = Field(default=1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(default=2.0, gt=1, description="1/reduction_factor of the trials go on at each rung")
+
+
+class TuneParams(_Section):
+    search: Literal["grid", "random", "optuna", "off"] = Field(
+        default="grid", description="off: retrieval uses retrieval.pos_margin/neg_margin as given")
+    pos_margins: list[float] = Field(default=[0.5, 0.7], min_length=1, description="grid values of m+")
+    neg_margins: list[float] = Field(default=[1.0, 1.2], min_length=1, description="grid values of m−")
+    pos_range: tuple[float, float] = Field(default=(0.0, 1.0), description="random/optuna range of m+")
+    neg_range: tuple[float, float] = Field(default=(0.6, 1.6), description="random/optuna range of m−")
+    num_trials: int = Field(default=8, ge=1, description="random/optuna budget (a grid runs all its m+ < m− pairs)")
+    epochs_per_trial: int = Field(default=2, ge=1)
+    workers_per_trial: int = Field(default=1, ge=1, description="Ray Train workers of one trial")
+    max_concurrent_trials: int = Field(default=2, ge=1)
+    driver_cpus: float = Field(default=0.25, gt=0, le=1, description="CPU held by each trial's driver function")
+    asha: AshaParams = AshaParams()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for name in ("pos_margins", "neg_margins", "pos_range", "neg_range"):
+            values = list(getattr(self, name))
+            if not all(0 <= v <= 2 for v in values):
+                raise ValueError(f"{name} must lie in [0, 2] (distances of unit descriptors), got {values}")
+        for name in ("pos_range", "neg_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name} must be [low, high], got {[lo, hi]}")
+        if self.search == "grid" and not any(p < n for p in self.pos_margins for n in self.neg_margins):
+            raise ValueError(f"no grid pair has m+ < m−: pos_margins {self.pos_margins}, neg_margins {self.neg_margins}")
+        if self.search in ("random", "optuna") and self.pos_range[0] + MIN_MARGIN_GAP > self.neg_range[1]:
+            raise ValueError(f"pos_range {list(self.pos_range)} and neg_range {list(self.neg_range)} leave no m+ < m−")
+        if self.asha.enabled and self.asha.grace_period > self.epochs_per_trial:
+            raise ValueError(f"asha.grace_period ({self.asha.grace_period}) exceeds epochs_per_trial ({self.epochs_per_trial})")
         return self
 
 
@@ -143,11 +187,20 @@ class Params(_Section):
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
     classify: ClassifyParams
+    tune: TuneParams = TuneParams()
     retrieval: RetrievalParams
     ray: RayParams = RayParams()
     index: IndexParams = IndexParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+
+
+    @model_validator(mode="after")
+    def _margins_matter(self):
+        if self.tune.search != "off" and self.retrieval.loss != "contrastive":
+            raise ValueError(f"tune.search: {self.tune.search} searches contrastive margins, but retrieval.loss is "
+                             f"{self.retrieval.loss}; set tune.search: off")
+        return self
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:

@@ -18,6 +18,7 @@ TINY = {
     "ingest": {"source": "data/sample", "min_side": 16},
     "model": {"image_size": 64, "frozen_stages": 5},
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
+    "tune": {"pos_margins": [0.5], "neg_margins": [1.0, 1.2], "epochs_per_trial": 1, "asha": {"enabled": False}},
     "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72], "pos_pairs_per_class": 2, "neg_pairs_per_class": 2},
 }
 
@@ -48,7 +49,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     subprocess.run([*git, "commit", "-qm", "tiny"], cwd=repo, check=True)
 
     log = _dvc(repo, "repro")
-    for stage in ("ingest", "split", "classify", "retrieval", "index", "evaluate"):
+    for stage in ("ingest", "split", "classify", "tune", "retrieval", "index", "evaluate"):
         assert f"Running stage '{stage}'" in log
 
     report = json.loads((repo / "data/ingest_report.json").read_text())
@@ -70,6 +71,15 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     assert (repo / "plots/distances.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((repo / "models/retrieval/history.json").read_text())[0]["epoch"] == 0
 
+    trials = pd.read_csv(repo / "tune/trials.csv")  # the margin search: 2 grid trials, the best one used
+    assert sorted(zip(trials["pos_margin"], trials["neg_margin"])) == [(0.5, 1.0), (0.5, 1.2)]
+    assert set(trials["status"]) == {"finished"} and trials["best_val_map"].between(0, 1).all()
+    chosen = json.loads((repo / "tune/best_margins.json").read_text())
+    assert chosen["val_map"] == pytest.approx(trials["best_val_map"].max())
+    meta = json.loads((repo / "models/retrieval/meta.json").read_text())
+    assert (meta["pos_margin"], meta["neg_margin"]) == (chosen["pos_margin"], chosen["neg_margin"])
+    assert (repo / "plots/margins.png").read_bytes()[:4] == b"\x89PNG"
+
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("firesight-retriever", "champion")
@@ -77,13 +87,18 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     assert champion.tags["backbone"] == "tf_efficientnet_lite0" and champion.tags["pooling"] == "gem"
     assert float(champion.tags["test_map"]) == pytest.approx(metrics["test"]["map"], abs=1e-6)
     assert len(champion.tags["data_manifest_sha256"]) == 64 and champion.tags["git_commit"] != "unknown"
-    stages = {r.data.tags["firesight.stage"] for r in client.search_runs([client.get_experiment_by_name("firesight").experiment_id])}
-    assert stages == {"classify", "retrieval", "evaluate"}
+    runs = client.search_runs([client.get_experiment_by_name("firesight").experiment_id])
+    assert {r.data.tags["firesight.stage"] for r in runs} == {"classify", "tune", "tune-trial", "retrieval", "evaluate"}
+    tune_run = next(r for r in runs if r.data.tags["firesight.stage"] == "tune")
+    assert float(tune_run.data.params["best_neg_margin"]) == chosen["neg_margin"]
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]) == 2
 
     assert "Running stage" not in _dvc(repo, "repro"), "a second repro with nothing changed must be a no-op"
 
-    _set_params(repo, {"retrieval": {"pos_margin": 0.6}})
+    _set_params(repo, {"retrieval": {"pos_margin": 0.6}})  # only the search-off default: the finished search is restored
     log = _dvc(repo, "repro")
+    assert "Running stage 'tune'" in log and "restoring margin search" in log
+    assert json.loads((repo / "tune/best_margins.json").read_text()) == chosen
     assert "Running stage 'retrieval'" in log and "Running stage 'evaluate'" in log
     for stage in ("ingest", "split", "classify"):
         assert f"Running stage '{stage}'" not in log

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from components.storage import atomic_write_path
 
@@ -45,5 +46,61 @@ def plot_distance_histograms(series: dict[str, tuple[np.ndarray, np.ndarray]], p
     axes[-1].set_xlabel("Euclidean distance between descriptors")
     fig.suptitle(title)
 
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def plot_margin_search(trials: list[dict], chosen: tuple[float, float], path: Path, title: str,
+                       grid: tuple[list[float], list[float]] | None = None) -> None:
+    """Write a PNG of val mAP over (m+, m−): a heat map when the trials form `grid` (m+ values, m− values; cells
+    with m+ ≥ m− are not allowed and left blank), else a scatter coloured by val mAP. `trials` are dicts with
+    pos_margin, neg_margin, best_val_map (NaN for a failed trial) and status; `chosen` is marked."""
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    scores = [t["best_val_map"] for t in trials if np.isfinite(t["best_val_map"])]
+    norm = {"vmin": min(scores), "vmax": max(scores)} if scores else {"vmin": 0.0, "vmax": 1.0}
+    if grid is not None:
+        pos_values, neg_values = grid
+        cells = np.full((len(pos_values), len(neg_values)), np.nan)
+        for t in trials:
+            cells[pos_values.index(t["pos_margin"]), neg_values.index(t["neg_margin"])] = t["best_val_map"]
+        ax.set_facecolor("0.92")  # cells without a score: not allowed (m+ ≥ m−) or failed
+        image = ax.imshow(cells, origin="lower", cmap="viridis", aspect="auto", **norm)
+        status = {(t["pos_margin"], t["neg_margin"]): t["status"] for t in trials}
+        for r, pos in enumerate(pos_values):
+            for c, neg in enumerate(neg_values):
+                value = cells[r, c]
+                if np.isfinite(value):
+                    label = f"{value:.3f}" + ("*" if status[pos, neg] == "stopped early" else "")
+                    dark = image.norm(value) < 0.5
+                    ax.text(c, r, label, ha="center", va="center", color="white" if dark else "black")
+                else:
+                    label = "failed" if status.get((pos, neg)) == "error" else "m+ ≥ m−" if pos >= neg else "not run"
+                    ax.text(c, r, label, ha="center", va="center", color="0.4", fontsize="small")
+        ax.set_xticks(range(len(neg_values)), [f"{v:g}" for v in neg_values])
+        ax.set_yticks(range(len(pos_values)), [f"{v:g}" for v in pos_values])
+        r, c = pos_values.index(chosen[0]), neg_values.index(chosen[1])
+        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5, label="chosen"))
+        if any(t["status"] == "stopped early" for t in trials):
+            ax.set_xlabel("m− (negative margin)    * stopped early by ASHA")
+        else:
+            ax.set_xlabel("m− (negative margin)")
+    else:
+        done = [t for t in trials if np.isfinite(t["best_val_map"])]
+        image = ax.scatter([t["neg_margin"] for t in done], [t["pos_margin"] for t in done],
+                           c=[t["best_val_map"] for t in done], cmap="viridis", s=80, **norm)
+        failed = [t for t in trials if not np.isfinite(t["best_val_map"])]
+        if failed:
+            ax.scatter([t["neg_margin"] for t in failed], [t["pos_margin"] for t in failed], marker="x", color="black", label="failed")
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="m+ = m− (not allowed above)")
+        ax.scatter([chosen[1]], [chosen[0]], marker="*", s=300, facecolor="none", edgecolor="red", label="chosen")
+        ax.set_xlabel("m− (negative margin)")
+        ax.legend(loc="best", fontsize="small")
+    if trials:
+        fig.colorbar(image, ax=ax, label="best val mAP")
+    ax.set_ylabel("m+ (positive margin)")
+    ax.set_title(title, fontsize="medium")
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

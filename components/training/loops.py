@@ -121,6 +121,7 @@ class RetrievalJob:
     triplet_margin: float = 0.1
     classes_per_batch: int = 8
     images_per_class: int = 4
+    measure_start: bool = True  # evaluate the starting model as epoch 0 (a margin-search trial skips it)
 
     def __post_init__(self) -> None:
         if self.loss not in RETRIEVAL_LOSSES:
@@ -257,7 +258,8 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
     optimizer = _optimizer(model, job.optim)
     _fit(model, net, optimizer, job.optim, ctx, "val_map", run_triplet_epoch if job.loss == "triplet" else run_pairs_epoch,
          evaluate, job.audit_dir, extra_meta={"stage": "retrieval", "loss": job.loss, "mining": job.mining,
-                                              "pos_margin": job.pos_margin, "neg_margin": job.neg_margin})
+                                              "pos_margin": job.pos_margin, "neg_margin": job.neg_margin},
+         first_epoch=0 if job.measure_start else 1)
 
 
 def _retrieval_loss(job: RetrievalJob, dim: int, num_classes: int) -> nn.Module:
@@ -292,10 +294,11 @@ def _augmenting(transform: type[BatchTransform], net: RetrievalNet, optim: Optim
                      rotation_degrees=optim.rotation_degrees, color_jitter=optim.color_jitter)
 
 
-def _fit(model, net, optimizer, optim: Optimisation, ctx: WorkerContext, metric: str, run_epoch, evaluate, audit_dir, extra_meta) -> None:
+def _fit(model, net, optimizer, optim: Optimisation, ctx: WorkerContext, metric: str, run_epoch, evaluate, audit_dir,
+         extra_meta, first_epoch: int = 0) -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.lr_step_epochs, gamma=optim.lr_gamma)
     tracker = _Tracker(metric)
-    start = 0
+    start = first_epoch
     restored = ctx.restored_state()
     if restored is not None:
         model.load_state_dict(restored["model"])

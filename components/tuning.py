@@ -1,0 +1,219 @@
+"""Ray Tune integration: search the double-margin loss's margins (m+, m−), each trial a Ray Train job.
+
+A trial is a driver function holding a fraction of a CPU: it launches a TorchTrainer retrieval fine-tune with its
+margins and relays the per-epoch val mAP to Tune through `TuneReportCallback`; ASHA stops trials that trail at a
+rung. The experiment is named after everything that determines its results, so an interrupted search with the same
+inputs is restored (finished trials are kept, unfinished ones resume their Train run from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray.tune as tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from components.distributed import Cluster, TrainingFailed, ensure_ray, fit, torch_trainer
+from components.training.loops import RetrievalJob
+
+log = logging.getLogger(__name__)
+
+METRIC = "val_map"
+
+
+@dataclass(frozen=True)
+class MarginSearch:
+    """What to search and how: `mode` grid (every m+ < m− pair of the two value lists), random (uniform draws) or
+    optuna (TPE): `num_trials` draws from the two ranges with m− ≥ m+ + `min_gap`."""
+
+    mode: str
+    pos_values: tuple[float, ...]
+    neg_values: tuple[float, ...]
+    pos_range: tuple[float, float]
+    neg_range: tuple[float, float]
+    num_trials: int
+    epochs_per_trial: int
+    max_concurrent_trials: int
+    driver_cpus: float
+    asha_grace_period: int | None  # None: no early stopping
+    asha_reduction_factor: float = 2.0
+    seed: int = 0
+    min_gap: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("grid", "random", "optuna"):
+            raise ValueError(f"unknown search mode {self.mode!r}; expected grid, random or optuna")
+        if self.mode == "grid" and not margin_grid(self.pos_values, self.neg_values):
+            raise ValueError(f"no grid pair has m+ < m−: pos {list(self.pos_values)}, neg {list(self.neg_values)}")
+        if self.mode != "grid" and self.pos_range[0] + self.min_gap > self.neg_range[1]:
+            raise ValueError(f"pos range {list(self.pos_range)} and neg range {list(self.neg_range)} leave no m+ < m−")
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    trial_id: str
+    pos_margin: float
+    neg_margin: float
+    status: str  # finished | stopped early | error
+    epochs_run: int
+    val_map_by_epoch: list[float]
+    error: str = ""
+
+    @property
+    def best_val_map(self) -> float:
+        return max(self.val_map_by_epoch, default=math.nan)
+
+    @property
+    def best_epoch(self) -> int:
+        return 1 + self.val_map_by_epoch.index(self.best_val_map) if self.val_map_by_epoch else 0
+
+
+def margin_grid(pos_values: tuple[float, ...], neg_values: tuple[float, ...]) -> list[tuple[float, float]]:
+    """Every (m+, m−) of the two lists with m+ < m−, in list order."""
+    return [(p, n) for p in pos_values for n in neg_values if p < n]
+
+
+def experiment_name(job: RetrievalJob, search: MarginSearch, cluster: Cluster) -> str:
+    """A name that changes with anything that changes the trials' results: the search, the job (data,
+    optimisation, starting checkpoint's bytes) and the trial width."""
+    job_fields = dataclasses.asdict(dataclasses.replace(job, pos_margin=0.0, neg_margin=1.0))
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(search), job_fields, cluster.num_workers], sort_keys=True,
+                                       default=str).encode())
+    if job.net.init_checkpoint:
+        digest.update(Path(job.net.init_checkpoint).read_bytes())
+    return f"margins-{digest.hexdigest()[:12]}"
+
+
+def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJob, search: MarginSearch, *,
+                      cluster: Cluster, name: str, mlflow_parent: tuple[str, str, str] | None = None) -> list[TrialOutcome]:
+    """Run (or restore and finish) the search named `name`; return every trial's outcome.
+
+    `cluster` is one trial's Train job (its workers and storage); `mlflow_parent` = (tracking uri, experiment,
+    parent run id) makes each trial an MLflow run nested under that parent.
+    """
+    ensure_ray()
+    storage = Path(cluster.storage_path).resolve()
+    # a trial holds exactly num_workers × cpus_per_worker CPUs: its driver's share comes out of its workers' reservation
+    trial_cluster = dataclasses.replace(cluster, storage_path=str(storage),  # absolute: trials run in their own folders
+                                        reserved_cpus_per_worker=cluster.cpus_per_worker - search.driver_cpus / cluster.num_workers)
+    trial_job = dataclasses.replace(job, optim=dataclasses.replace(job.optim, epochs=search.epochs_per_trial),
+                                    measure_start=False)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, loop=loop, job=trial_job, cluster=trial_cluster, experiment=name),
+        {"CPU": search.driver_cpus})
+    space, searcher, num_samples = _search_space(search)
+    path = storage / name
+    if tune.Tuner.can_restore(str(path)):
+        log.info("restoring margin search %s (finished trials are kept)", path)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=space, resume_unfinished=True)
+    else:
+        callbacks = []
+        if mlflow_parent is not None:
+            uri, experiment, parent = mlflow_parent
+            callbacks.append(MLflowLoggerCallback(uri, experiment_name=experiment,
+                                                  tags={"mlflow.parentRunId": parent, "firesight.stage": "tune-trial"}))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=num_samples, search_alg=searcher,
+                max_concurrent_trials=search.max_concurrent_trials, scheduler=_scheduler(search),
+                trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    if results.num_terminated + results.num_errors < len(results):  # stopped by a signal: state is saved
+        raise TrainingFailed(f"margin search {name} interrupted with {results.num_terminated + results.num_errors} of "
+                             f"{len(results)} trials ended; run it again to resume (finished trials are kept)")
+    outcomes = [_outcome(r, search.epochs_per_trial) for r in results]
+    for run in storage.glob(f"{name}-*"):  # the trials' Train runs (checkpoints) once every trial has ended
+        shutil.rmtree(run, ignore_errors=True)
+    if all(o.status == "error" for o in outcomes):
+        raise TrainingFailed(f"all {len(outcomes)} margin-search trials failed; first: {outcomes[0].error}")
+    return outcomes
+
+
+def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome:
+    """The trial with the highest val mAP at any epoch (the first such one on ties)."""
+    scored = [o for o in outcomes if o.val_map_by_epoch]
+    return max(scored, key=lambda o: o.best_val_map)
+
+
+def _trial(config: dict[str, Any], *, loop, job: RetrievalJob, cluster: Cluster, experiment: str) -> None:
+    """One trial: a Ray Train retrieval fine-tune with the trial's margins, reporting each epoch to Tune. Its
+    Train run name is stable, so a restored trial resumes from its last epoch checkpoint."""
+    run_name = f"{experiment}-{tune.get_context().get_trial_id()}"
+    pos, neg = trial_margins(config)
+    job = dataclasses.replace(job, pos_margin=pos, neg_margin=neg)
+    fit(torch_trainer(loop, job, run_name=run_name, cluster=cluster, callbacks=[TuneReportCallback()]), run_name)
+
+
+def _search_space(search: MarginSearch) -> tuple[dict[str, Any], Any, int]:
+    """Tune's param space, searcher and number of samples for the mode; m+ < m− holds for every trial."""
+    if search.mode == "grid":
+        pairs = [list(pair) for pair in margin_grid(search.pos_values, search.neg_values)]
+        return {"margins": tune.grid_search(pairs)}, None, 1
+    sampler = (optuna.samplers.RandomSampler(seed=search.seed) if search.mode == "random"
+               else optuna.samplers.TPESampler(seed=search.seed))
+    return {}, OptunaSearch(space=margin_space(search), metric=METRIC, mode="max", sampler=sampler), search.num_trials
+
+
+def margin_space(search: MarginSearch) -> Callable[[optuna.Trial], None]:
+    """Optuna define-by-run space over the two ranges: m+ first, then m− drawn at least `min_gap` above it."""
+    pos_lo, pos_hi = search.pos_range
+    neg_lo, neg_hi = search.neg_range
+
+    def define_by_run(trial: optuna.Trial) -> None:
+        pos = trial.suggest_float("pos_margin", pos_lo, min(pos_hi, neg_hi - search.min_gap))
+        trial.suggest_float("neg_margin", max(neg_lo, pos + search.min_gap), neg_hi)
+
+    return define_by_run
+
+
+def _scheduler(search: MarginSearch) -> ASHAScheduler | None:
+    if search.asha_grace_period is None:
+        return None
+    return ASHAScheduler(time_attr="epoch", max_t=search.epochs_per_trial, grace_period=search.asha_grace_period,
+                         reduction_factor=search.asha_reduction_factor)
+
+
+def _trial_name(trial) -> str:
+    if "margins" not in trial.config:  # a searcher's trial: its config is only known once the trial starts
+        return f"trial_{trial.trial_id}"
+    pos, neg = trial_margins(trial.config)
+    return f"m+={pos:g} m-={neg:g}"
+
+
+def trial_margins(config: dict[str, Any]) -> tuple[float, float]:
+    """(m+, m−) of a trial's config: a grid pair, or a searcher's two draws."""
+    pos, neg = config["margins"] if "margins" in config else (config["pos_margin"], config["neg_margin"])
+    return float(pos), float(neg)
+
+
+def _outcome(result, epochs: int) -> TrialOutcome:
+    frame = result.metrics_dataframe
+    rows = [] if frame is None or METRIC not in frame else frame.dropna(subset=[METRIC]).sort_values("epoch").to_dict("records")
+    val_maps = [float(r[METRIC]) for r in rows]
+    status = "error" if result.error else "finished" if len(rows) >= epochs else "stopped early"
+    error = "" if not result.error else _one_line(result.error)
+    return TrialOutcome(Path(result.path).name, *trial_margins(result.config), status, len(rows), val_maps, error)
+
+
+def _one_line(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
