@@ -126,7 +126,7 @@ def fit(trainer: TorchTrainer, run_name: str) -> ray.train.Result:
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker exceptions; surface the root cause in one line
-        raise TrainingFailed(f"training job {run_name} failed: {_root_cause(e)}") from None
+        raise TrainingFailed(f"training job {run_name} failed: {root_cause(e)}") from None
     if result.checkpoint is None:
         raise TrainingFailed(f"training job {run_name} finished without a checkpoint")
     return result
@@ -152,7 +152,18 @@ def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, clust
     return output_dir
 
 
-def _root_cause(e: BaseException) -> str:
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return f"{type(e).__name__}: {e}"
+def root_cause(e: BaseException) -> str:
+    """One line naming the exception that started it all, through Ray's wrappers (a failed worker of a worker
+    group, a remote task's error) and chained causes."""
+    while True:
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            e = failures[min(failures)]
+        elif isinstance(getattr(e, "cause", None), BaseException):
+            e = e.cause
+        elif e.__cause__ is not None:
+            e = e.__cause__
+        else:
+            break
+    message = next((line for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {message}"

@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from components.distributed import Cluster, TrainingFailed, ensure_ray, fit, torch_trainer
+from components.distributed import Cluster, TrainingFailed, ensure_ray, fit, root_cause, torch_trainer
 from components.training.loops import RetrievalJob
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,6 @@ def _outcome(result, epochs: int) -> TrialOutcome:
     rows = [] if frame is None or METRIC not in frame else frame.dropna(subset=[METRIC]).sort_values("epoch").to_dict("records")
     val_maps = [float(r[METRIC]) for r in rows]
     status = "error" if result.error else "finished" if len(rows) >= epochs else "stopped early"
-    error = "" if not result.error else _one_line(result.error)
-    return TrialOutcome(Path(result.path).name, *trial_margins(result.config), status, len(rows), val_maps, error)
-
-
-def _one_line(error: BaseException) -> str:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    error = "" if not result.error else root_cause(result.error)
+    config = result.config or json.loads((Path(result.path) / "params.json").read_text())  # a trial that never reported
+    return TrialOutcome(Path(result.path).name, *trial_margins(config), status, len(rows), val_maps, error)

@@ -170,8 +170,8 @@ def test_search_reports_a_crashed_trial_nests_mlflow_runs_and_restores_without_r
     assert good.status == "finished" and good.epochs_run == 1 and 0 < good.best_val_map <= 1  # epochs_per_trial, not 3
     assert crashed.status == "error" and "injected crash" in crashed.error and crashed.val_map_by_epoch == []
     assert best_trial(outcomes) == good
-    runs_log = (audit / "runs.log").read_text().splitlines()
-    assert sorted(runs_log) == ["0.3 1.2", f"{FAILING_POS_MARGIN} 1.2"]
+    runs_log = (audit / "runs.log").read_text().splitlines()  # one line per start of a trial's Train workers
+    assert runs_log.count("0.3 1.2") == 1 and set(runs_log) == {"0.3 1.2", f"{FAILING_POS_MARGIN} 1.2"}
     assert not list((tmp_path / "ray").glob("search-*")), "the trials' Train runs are removed once the search ended"
 
     client = MlflowClient(mlflow.get_tracking_uri())
