@@ -136,9 +136,11 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
-    if results.num_terminated + results.num_errors < len(results):  # stopped by a signal: state is saved
-        raise TrainingFailed(f"margin search {name} interrupted with {results.num_terminated + results.num_errors} of "
-                             f"{len(results)} trials ended; run it again to resume (finished trials are kept)")
+    saved = tune.ExperimentAnalysis(str(path)).trials  # a signal stops fit() early; the saved state tells
+    ended = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
+    if ended < len(saved):
+        raise TrainingFailed(f"margin search {name} interrupted with {ended} of {len(saved)} trials ended; "
+                             "run it again to resume (finished trials are kept)")
     outcomes = [_outcome(r, search.epochs_per_trial) for r in results]
     for run in storage.glob(f"{name}-*"):  # the trials' Train runs (checkpoints) once every trial has ended
         shutil.rmtree(run, ignore_errors=True)

@@ -133,6 +133,22 @@ def test_retrieval_rejects_a_missing_or_bad_margins_file(tmp_path, monkeypatch, 
         chosen_margins()
 
 
+def _tiny_job(tmp_path: Path) -> RetrievalJob:
+    rows = tiny_sample(tmp_path / "images", classes=4, per_class=6, max_side=48)
+    names = sorted({label for _, label in rows})
+    train = [(u, names.index(l)) for u, l in rows if names.index(l) < 2]
+    val = [(u, names.index(l) - 2) for u, l in rows if names.index(l) >= 2]
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    return RetrievalJob(
+        net=NetSpec("tf_efficientnet_lite0", "gem", 3.0, 48, None, frozen_stages=6),
+        optim=Optimisation(3, 4, 0.01, 0.9, 0.0, 10, 0.1, (40, 48), True, 0),
+        train=LabelledImages([u for u, _ in train], [l for _, l in train]),
+        retrieval_val=RetrievalValSet([u for u, _ in val], [l for _, l in val], [i % 6 < 2 for i in range(len(val))]),
+        pos_margin=0.0, neg_margin=1.0, pos_pairs_per_class=2, neg_pairs_per_class=2, redraw_every=1,
+        audit_dir=str(audit))
+
+
 @pytest.mark.slow
 def test_search_reports_a_crashed_trial_nests_mlflow_runs_and_restores_without_rerunning(tmp_path, ray_local):
     import mlflow
@@ -142,19 +158,8 @@ def test_search_reports_a_crashed_trial_nests_mlflow_runs_and_restores_without_r
     from components.tuning import best_trial, run_margin_search
     from tests.tune_loops import recording_loop
 
-    rows = tiny_sample(tmp_path / "images", classes=4, per_class=6, max_side=48)
-    names = sorted({label for _, label in rows})
-    train = [(u, names.index(l)) for u, l in rows if names.index(l) < 2]
-    val = [(u, names.index(l) - 2) for u, l in rows if names.index(l) >= 2]
-    audit = tmp_path / "audit"
-    audit.mkdir()
-    job = RetrievalJob(
-        net=NetSpec("tf_efficientnet_lite0", "gem", 3.0, 48, None, frozen_stages=6),
-        optim=Optimisation(3, 4, 0.01, 0.9, 0.0, 10, 0.1, (40, 48), True, 0),
-        train=LabelledImages([u for u, _ in train], [l for _, l in train]),
-        retrieval_val=RetrievalValSet([u for u, _ in val], [l for _, l in val], [i % 6 < 2 for i in range(len(val))]),
-        pos_margin=0.0, neg_margin=1.0, pos_pairs_per_class=2, neg_pairs_per_class=2, redraw_every=1,
-        audit_dir=str(audit))
+    job = _tiny_job(tmp_path)
+    audit = Path(job.audit_dir)
     search = _search(pos_values=(0.3, FAILING_POS_MARGIN), neg_values=(1.2,), max_concurrent_trials=2)
     cluster = Cluster(num_workers=1, cpus_per_worker=1, storage_path=str(tmp_path / "ray"))
 
@@ -185,3 +190,33 @@ def test_search_reports_a_crashed_trial_nests_mlflow_runs_and_restores_without_r
     assert (audit / "runs.log").read_text().splitlines() == runs_log, "a restored search reran a trial"
     assert sorted((o.pos_margin, o.status, o.best_val_map) for o in restored if o.status != "error") == \
         [(0.3, "finished", good.best_val_map)]
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+    import os
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pickle_path = tmp_path / "job.pkl"
+    pickle_path.write_bytes(pickle.dumps(_tiny_job(tmp_path)))
+    runs_log = tmp_path / "audit" / "runs.log"
+    command = [sys.executable, "-m", "tests.tune_loops", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    search = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (runs_log.exists() and "0.4 1.2" in runs_log.read_text()):  # trial 1 ended, trial 2 started
+        assert search.poll() is None and time.monotonic() < deadline, "the search ended before it could be interrupted"
+        time.sleep(0.5)
+    search.send_signal(signal.SIGINT)
+    _, stderr = search.communicate(timeout=300)
+    assert search.returncode == 2 and "interrupted with 1 of 2 trials ended" in stderr, stderr[-3000:]
+
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = runs_log.read_text().splitlines()
+    assert runs.count("0.3 1.2") == 1, "the finished trial ran again"
+    assert runs.count("0.4 1.2") == 2, "the interrupted trial did not resume"
