@@ -29,6 +29,8 @@ from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_trai
 
 log = logging.getLogger(__name__)
 
+WORKER_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
 
 class TrainingFailed(FiresightError):
     pass
@@ -91,10 +93,12 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs
+        # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs; on a
+        # busy small machine a worker can take minutes to start, past Ray Train's 60 s default
         code_root = str(Path(components.__file__).resolve().parent.parent)
+        env = {"PYTHONPATH": code_root, WORKER_START_TIMEOUT: os.environ.get(WORKER_START_TIMEOUT, "600")}
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": code_root}})
+                 runtime_env={"env_vars": env})
 
 
 def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, cluster: Cluster,
