@@ -73,8 +73,9 @@ def main(params: Params) -> None:
                    "best_pos_margin": best.pos_margin, "best_neg_margin": best.neg_margin,
                    **{f"trials_{s.replace(' ', '_')}": int((table["status"] == s).sum())
                       for s in ("finished", "stopped early", "error")}}
-        mlflow.log_params({"best_pos_margin": best.pos_margin, "best_neg_margin": best.neg_margin})
-        mlflow.log_metric("best_val_map", best.best_val_map)
+        # metrics, not params: a restored search continues its parent run, where the choice may have been logged
+        mlflow.log_metrics({"best_pos_margin": best.pos_margin, "best_neg_margin": best.neg_margin,
+                            "best_val_map": best.best_val_map})
         _write(chosen, table, summary | timing)
         mlflow.log_artifact(str(MARGIN_PLOT))
         mlflow.log_artifact(str(TRIALS_TABLE))

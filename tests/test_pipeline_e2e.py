@@ -90,7 +90,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     runs = client.search_runs([client.get_experiment_by_name("firesight").experiment_id])
     assert {r.data.tags["firesight.stage"] for r in runs} == {"classify", "tune", "tune-trial", "retrieval", "evaluate"}
     tune_run = next(r for r in runs if r.data.tags["firesight.stage"] == "tune")
-    assert float(tune_run.data.params["best_neg_margin"]) == chosen["neg_margin"]
+    assert tune_run.data.metrics["best_neg_margin"] == pytest.approx(chosen["neg_margin"])
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]) == 2
 
     assert "Running stage" not in _dvc(repo, "repro"), "a second repro with nothing changed must be a no-op"
