@@ -6,6 +6,7 @@ the best model so far); a worker that dies is restarted from the latest checkpoi
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -16,16 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-import ray.train
-import ray.train.torch
-import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+# A local Ray is one node: with Ray's "cluster" mode off its node IP stays on loopback, so GCS, raylet, workers and
+# agents listen on 127.0.0.1 only (without it `_node_ip_address="127.0.0.1"` is turned into the routable IP and
+# they listen on all interfaces). Ray reads this once, when it is first imported; joining RAY_ADDRESS needs it on.
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import components
-from components.errors import FiresightError
-from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_train_state
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import ray.train.torch  # noqa: E402
+import torch  # noqa: E402
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+
+import components  # noqa: E402
+from components.errors import FiresightError  # noqa: E402
+from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_train_state  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +93,22 @@ def gpu_available(choice: str) -> bool:
 
 
 def ensure_ray() -> None:
-    """Join RAY_ADDRESS when set, else start a local Ray on loopback (the dashboard, which Ray Train's state
-    API needs, listens on 127.0.0.1 only)."""
+    """Join RAY_ADDRESS when set, else start a local Ray whose every server (GCS, raylet, workers, agents and the
+    dashboard Ray Train's state API needs) listens on 127.0.0.1 only."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs; on a
-        # busy small machine a worker can take minutes to start, past Ray Train's 60 s default
-        code_root = str(Path(components.__file__).resolve().parent.parent)
-        env = {"PYTHONPATH": code_root, WORKER_START_TIMEOUT: os.environ.get(WORKER_START_TIMEOUT, "600")}
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True,
-                 runtime_env={"env_vars": env})
+        return
+    node_ip = ray.util.get_node_ip_address()  # before init: the IP a local node would take
+    if not ipaddress.ip_address(node_ip).is_loopback:
+        raise RuntimeError(f"a local Ray would listen on {node_ip}, not loopback: ray was imported before "
+                           "components.distributed (import it first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
+    # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs; on a
+    # busy small machine a worker can take minutes to start, past Ray Train's 60 s default
+    code_root = str(Path(components.__file__).resolve().parent.parent)
+    env = {"PYTHONPATH": code_root, WORKER_START_TIMEOUT: os.environ.get(WORKER_START_TIMEOUT, "600")}
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": env})
 
 
 def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, cluster: Cluster,

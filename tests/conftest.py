@@ -26,9 +26,8 @@ def tiny_sample(target: Path, classes: int, per_class: int, max_side: int = 64) 
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for the session's distributed tests, shut down at the end."""
+    from components.distributed import ensure_ray  # before ray itself: it keeps a local Ray on loopback
     import ray
-
-    from components.distributed import ensure_ray
 
     ensure_ray()
     yield
