@@ -12,6 +12,8 @@ from pipelines.params import Params, load_params
 
 def run_stage(name: str, stage: Callable[[Params], None]) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    for chatty in ("botocore", "aiobotocore"):  # "Found credentials in environment variables", ...
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         stage(load_params())
     except FiresightError as e:

@@ -39,7 +39,8 @@ PLOTS_DIR = Path("plots")
 
 def load_splits() -> pd.DataFrame:
     splits = read_parquet(SPLITS)
-    splits["uri"] = [str(Path(u).resolve()) for u in splits["uri"]]  # Ray workers may run elsewhere in the tree
+    # Ray workers may run elsewhere in the tree; s3:// URIs are read as they are
+    splits["uri"] = [u if is_remote(u) else str(Path(u).resolve()) for u in splits["uri"]]
     return splits
 
 

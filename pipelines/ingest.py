@@ -1,4 +1,5 @@
-"""Stage `ingest`: raw images (class folders or a CSV listing) -> data/manifest.parquet, data/ingest_report.json."""
+"""Stage `ingest`: raw images (class folders in a folder or under an s3:// prefix, or a CSV listing) ->
+data/manifest.parquet, data/ingest_report.json."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from components.data.ingest import SourceFile, ingest, list_class_folder, read_listing_csv
 from components.errors import FiresightError
-from components.storage import write_json, write_parquet
+from components.storage import is_remote, write_json, write_parquet
 from pipelines._runner import run_stage
 from pipelines.params import Params
 
@@ -20,9 +21,8 @@ log = logging.getLogger(__name__)
 def run(params: Params) -> None:
     """Ingest `params.ingest.source` and write the manifest and the report."""
     p = params.ingest
-    source = Path(p.source)
     result = ingest(
-        _list_source(source),
+        _list_source(p.source),
         source=p.source,
         exclude_classes=p.exclude_classes,
         max_images_per_class=p.max_images_per_class,
@@ -43,7 +43,10 @@ def run(params: Params) -> None:
     )
 
 
-def _list_source(source: Path) -> list[SourceFile]:
+def _list_source(uri: str) -> list[SourceFile]:
+    if is_remote(uri):
+        return list_class_folder(uri)
+    source = Path(uri)
     if source.is_dir():
         return list_class_folder(source)
     if source.is_file() and source.suffix.lower() == ".csv":

@@ -25,7 +25,7 @@ class _Section(BaseModel):
 
 
 class IngestParams(_Section):
-    source: str = Field(description="folder with one sub-folder per class, or a CSV listing with columns path,label")
+    source: str = Field(description="folder or s3:// prefix with one sub-folder per class, or a CSV listing with columns path,label")
     exclude_classes: list[str] = []
     max_images_per_class: int | None = Field(default=None, ge=1)
     min_side: int = Field(default=32, ge=1)

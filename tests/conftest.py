@@ -1,7 +1,16 @@
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +35,7 @@ def tiny_sample(target: Path, classes: int, per_class: int, max_side: int = 64) 
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for the session's distributed tests, shut down at the end."""
-    from components.distributed import ensure_ray  # before ray itself: it keeps a local Ray on loopback
+    from components.distributed import ensure_ray  # before ray itself: `components` keeps a local Ray on loopback
     import ray
 
     ensure_ray()
@@ -46,3 +55,121 @@ def repo_copy(tmp_path: Path) -> Path:
         else:
             shutil.copy2(src, dst / item)
     return dst
+
+
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible endpoint (moto server) on 127.0.0.1 for the session; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """This test's environment points S3 at the moto server; returns the variables set."""
+    env = {"AWS_ENDPOINT_URL": s3_server, **S3_TEST_CREDENTIALS}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(folder: Path, artifacts: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite in `folder`, proxied artifacts to `artifacts`, a local folder
+    or s3:// URI); yields (URL, process) once /health answers, stops it afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = open(folder / "mlflow-server.log", "w")
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+               f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(folder / 'mlflow-server.log').read_text()[-2000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not up after 300 s: {(folder / 'mlflow-server.log').read_text()[-2000:]}")
+            time.sleep(1)
+        yield url, server
+    finally:
+        stop_group(server)
+        log.close()
+
+
+def stop_group(process: subprocess.Popen, grace: float = 30) -> None:
+    """Stop a process started with start_new_session=True and everything left in its group: SIGTERM, then
+    SIGKILL after `grace` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+TINY_PARAMS = {  # a whole `dvc repro` in a few minutes on 2 CPU cores
+    "ingest": {"source": "data/sample", "min_side": 16},
+    "model": {"image_size": 64, "frozen_stages": 5},
+    "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
+    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72], "pos_pairs_per_class": 2, "neg_pairs_per_class": 2},
+}
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def git_commit_all(repo: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    if not (repo / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", message], cwd=repo, check=True)
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for dvc/mlflow subprocesses: this venv's tools first on PATH, no inherited MLflow or Ray
+    cluster settings, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return {**env, **extra}
+
+
+def dvc(repo: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 900) -> str:
+    """Run `dvc args` in `repo`; fail the test with its output unless it succeeds; return stdout + stderr."""
+    done = subprocess.run(["dvc", *args], cwd=repo, env=env or tool_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout + done.stderr

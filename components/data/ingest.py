@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import multiprocessing
 import os
 import random
@@ -21,8 +22,9 @@ from typing import Any, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
-from components.data.images import BadImage, ImageInfo, inspect_image, sha256_file
+from components.data.images import BadImage, ImageInfo, inspect_bytes, read_image_file
 from components.errors import DataError
+from components.storage import is_remote, list_files
 
 MANIFEST_COLUMNS = ["id", "label", "uri", "width", "height", "format", "bytes"]
 NOT_IN_CLASS_FOLDER = "not inside a class folder"
@@ -50,11 +52,14 @@ class _Probe(NamedTuple):
 
 
 def list_class_folder(root: Path | str) -> list[SourceFile]:
-    """Every file under `root`, sorted by path; each sub-folder is a class, searched recursively.
+    """Every file under `root` (a folder or an s3:// prefix), sorted by path; each sub-folder is a class,
+    searched recursively.
 
     Hidden files are listed like any other. Files directly under `root`, or under a hidden top-level folder,
     get `label=None` (they are not in a class folder). Paths keep `root`'s form (relative stays relative).
     """
+    if is_remote(root):
+        return _list_class_prefix(str(root))
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
@@ -66,6 +71,18 @@ def list_class_folder(root: Path | str) -> list[SourceFile]:
         else:
             files.append(SourceFile(str(entry), None))
     return sorted(files, key=lambda s: s.path)
+
+
+def _list_class_prefix(root: str) -> list[SourceFile]:
+    prefix = root.rstrip("/") + "/"
+    uris = list_files(prefix)
+    if not uris:
+        raise DataError(f"{root}: no objects under this S3 prefix")
+    files = []
+    for uri in uris:
+        top, *rest = uri[len(prefix):].split("/")
+        files.append(SourceFile(uri, top if rest and not top.startswith(".") else None))
+    return files
 
 
 def _walk_files(folder: Path) -> list[Path]:
@@ -218,14 +235,20 @@ def ingest(
 
 
 def _probe(path: str, min_side: int) -> _Probe:
-    """Validate one file; never raises for bad input (the reason is returned instead)."""
+    """Validate one file (read once); never raises for bad input (the reason is returned instead)."""
     try:
-        info = inspect_image(path, min_side)
-        return _Probe(sha256_file(path), info, os.path.getsize(path), None)
+        data = read_image_file(path)
+        return _Probe(hashlib.sha256(data).hexdigest(), inspect_bytes(data, min_side), len(data), None)
     except BadImage as e:
         return _Probe(None, None, 0, e.reason)
     except OSError as e:
         return _Probe(None, None, 0, f"unreadable: {e.strerror or e}")
+
+
+def _use_environment(env: dict[str, str]) -> None:
+    """Run a worker with the caller's environment (S3 endpoint and credentials included)."""
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def _probe_all(paths: list[str], min_side: int, workers: int, progress: bool) -> list[_Probe]:
@@ -236,7 +259,8 @@ def _probe_all(paths: list[str], min_side: int, workers: int, progress: bool) ->
         bar = stack.enter_context(tqdm(total=len(paths), desc="decode", unit="file", disable=not progress))
         if workers > 1 and len(paths) > 1:
             pool = stack.enter_context(ProcessPoolExecutor(
-                max_workers=min(workers, len(paths)), mp_context=multiprocessing.get_context("forkserver")
+                max_workers=min(workers, len(paths)), mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_use_environment, initargs=(dict(os.environ),),  # the forkserver's may be older
             ))
             probes = pool.map(probe, paths, chunksize=max(1, min(64, len(paths) // (workers * 16))))
         else:
