@@ -12,10 +12,13 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
+
+from components.errors import FiresightError
 
 log = logging.getLogger(__name__)
 
@@ -24,27 +27,64 @@ ARTIFACT_ROOT = Path("mlartifacts")
 MODEL_PIP_REQUIREMENTS = ["torch==2.15.0", "torchvision==0.29.2", "timm==1.0.31", "pillow==13.0.0", "numpy==2.4.6"]
 
 
+# A tracking server that is down fails the stage within about a minute instead of MLflow's default minutes of
+# retries (the user's own MLFLOW_HTTP_REQUEST_* settings win).
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class TrackingError(FiresightError):
+    """The MLflow tracking server cannot be reached or rejected a request."""
+
+
 def configure(uri: str, experiment: str) -> None:
     """Point MLflow at MLFLOW_TRACKING_URI if set, else `uri`; create the experiment (artifacts under
-    ./mlartifacts for a local store) if needed."""
+    ./mlartifacts for a local store) if needed. A tracking server that is down is a `TrackingError` here, before
+    the stage does any work (fail fast: nothing is buffered)."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", uri))
-    if mlflow.get_experiment_by_name(experiment) is None:
-        local = mlflow.get_tracking_uri().startswith(("sqlite:", "file:")) or "://" not in mlflow.get_tracking_uri()
-        mlflow.create_experiment(experiment, artifact_location=ARTIFACT_ROOT.resolve().as_uri() if local else None)
-    mlflow.set_experiment(experiment)
+    with tracking_errors("open experiment " + experiment):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            local = mlflow.get_tracking_uri().startswith(("sqlite:", "file:")) or "://" not in mlflow.get_tracking_uri()
+            mlflow.create_experiment(experiment, artifact_location=ARTIFACT_ROOT.resolve().as_uri() if local else None)
+        mlflow.set_experiment(experiment)
+
+
+@contextmanager
+def tracking_errors(operation: str) -> Iterator[None]:
+    """Turn MLflow's failures (server down, timeouts, rejected requests) into one `TrackingError` line naming the
+    tracking URI and `operation`."""
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as e:
+        raise TrackingError(f"MLflow at {mlflow.get_tracking_uri()}: cannot {operation}: {_explain(e)}") from None
+
+
+def _explain(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    if "Connection refused" in text or "Failed to establish" in text or "Max retries exceeded" in text:
+        return ("server unreachable (connection refused) after "
+                f"{os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']} retries; start it (infra/mlflow-server.sh) or "
+                "unset MLFLOW_TRACKING_URI to use the embedded sqlite store")
+    if "timed out" in text.lower():
+        return f"no answer within {os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s"
+    return text[:300]
 
 
 @contextmanager
 def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = None,
               resume_tag: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for a stage. With `resume_tag` (a key of `tags`), the latest run of this experiment carrying
-    the same tag value is continued instead of starting a new one (a restored search keeps its parent run)."""
+    the same tag value is continued instead of starting a new one (a restored search keeps its parent run).
+    Any MLflow failure inside is one `TrackingError`."""
     tags = {"firesight.stage": stage, **(tags or {})}
-    run_id = _latest_run_with_tag(resume_tag, tags[resume_tag]) if resume_tag else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags) as run:
-        if run_id is None:
-            mlflow.log_params(_flatten(params))
-        yield run
+    with tracking_errors(f"record the {stage} run"):
+        run_id = _latest_run_with_tag(resume_tag, tags[resume_tag]) if resume_tag else None
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=tags) as run:
+            if run_id is None:
+                mlflow.log_params(_flatten(params))
+            yield run
 
 
 def _latest_run_with_tag(key: str, value: str) -> str | None:

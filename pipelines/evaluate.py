@@ -29,6 +29,7 @@ EXAMPLE_SIDE = 64  # the registered model's input example: one test image shrunk
 
 
 def main(params: Params) -> None:
+    tracking.configure(params.tracking.uri, params.tracking.experiment)  # a tracking server that is down fails here
     with stopwatch() as timing:
         splits = load_splits()
         test = splits[splits["split"] == "test"]
@@ -79,7 +80,6 @@ def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) 
         "pos_margin": str(meta.get("pos_margin")),
         "neg_margin": str(meta.get("neg_margin")),
     }
-    tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run("evaluate", params_dict(params, "model", "evaluate"), tags):
         tracking.mlflow.log_metrics({f"test_{k.replace('@', '_at_')}": float(v) for k, v in metrics["test"].items()})
         tracking.mlflow.log_metrics({f"off_the_shelf_{k.replace('@', '_at_')}": float(v) for k, v in metrics["off_the_shelf"].items()})
