@@ -17,22 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# A local Ray is one node: with Ray's "cluster" mode off its node IP stays on loopback, so GCS, raylet, workers and
-# agents listen on 127.0.0.1 only (without it `_node_ip_address="127.0.0.1"` is turned into the routable IP and
-# they listen on all interfaces). Ray reads this once, when it is first imported; joining RAY_ADDRESS needs it on.
-if not os.environ.get("RAY_ADDRESS"):
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import ray.train.torch  # noqa: E402
-import torch  # noqa: E402
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
-from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
-
-import components  # noqa: E402
-from components.errors import FiresightError  # noqa: E402
-from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_train_state  # noqa: E402
+import components
+from components.errors import FiresightError
+from components.storage import arrow_filesystem, remove_tree
+from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_train_state
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +45,7 @@ class Cluster:
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
-    storage_path: str = ".ray_results"
+    storage_path: str = ".ray_results"  # a folder or an s3:// prefix (checkpoints while a job runs)
     max_failures: int = 1
     reserved_cpus_per_worker: float | None = None  # Ray's CPU reservation; None: cpus_per_worker (the torch threads)
 
@@ -93,28 +88,31 @@ def gpu_available(choice: str) -> bool:
 
 
 def ensure_ray() -> None:
-    """Join RAY_ADDRESS when set, else start a local Ray whose every server (GCS, raylet, workers, agents and the
-    dashboard Ray Train's state API needs) listens on 127.0.0.1 only."""
+    """Join RAY_ADDRESS when set (workers import this checkout's code when they see the same path, e.g. a shared
+    volume), else start a local Ray whose every server (GCS, raylet, workers, agents and the dashboard Ray Train's
+    state API needs) listens on 127.0.0.1 only."""
     if ray.is_initialized():
         return
+    # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs; on a
+    # busy small machine a worker can take minutes to start, past Ray Train's 60 s default
+    code = {"env_vars": {"PYTHONPATH": str(Path(components.__file__).resolve().parent.parent),
+                         WORKER_START_TIMEOUT: os.environ.get(WORKER_START_TIMEOUT, "600")}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=code)
         return
     node_ip = ray.util.get_node_ip_address()  # before init: the IP a local node would take
     if not ipaddress.ip_address(node_ip).is_loopback:
-        raise RuntimeError(f"a local Ray would listen on {node_ip}, not loopback: ray was imported before "
-                           "components.distributed (import it first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
-    # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs; on a
-    # busy small machine a worker can take minutes to start, past Ray Train's 60 s default
-    code_root = str(Path(components.__file__).resolve().parent.parent)
-    env = {"PYTHONPATH": code_root, WORKER_START_TIMEOUT: os.environ.get(WORKER_START_TIMEOUT, "600")}
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": env})
+        raise RuntimeError(f"a local Ray would listen on {node_ip}, not loopback: ray was imported before the "
+                           "components package (import it first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=code)
 
 
 def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, cluster: Cluster,
                   callbacks: list | None = None) -> TorchTrainer:
     """A TorchTrainer that runs `loop(job, ctx)` on `cluster.num_workers` workers (gloo on CPU, nccl on GPU),
-    keeps the latest per-epoch checkpoint and restarts failed workers from it."""
+    keeps the latest per-epoch checkpoint (under `cluster.storage_path`, a folder or s3:// prefix) and restarts
+    failed workers from it."""
+    filesystem, storage_path = arrow_filesystem(cluster.storage_path)
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"loop": loop, "job": job, "threads": cluster.cpus_per_worker},
@@ -127,7 +125,8 @@ def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, 
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(Path(cluster.storage_path).resolve()),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             callbacks=callbacks,
@@ -162,7 +161,7 @@ def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, clust
             shutil.copy2(Path(folder) / name, tmp / name)
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(tmp, output_dir)
-    shutil.rmtree(Path(cluster.storage_path).resolve() / run_name, ignore_errors=True)
+    remove_tree(f"{cluster.storage_path.rstrip('/')}/{run_name}")
     return output_dir
 
 
