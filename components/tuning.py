@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,14 @@ from typing import Any
 
 import optuna
 import ray.tune as tune
+from pyarrow.fs import FileSelector
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from components.distributed import Cluster, TrainingFailed, ensure_ray, fit, root_cause, torch_trainer
+from components.storage import arrow_filesystem, is_remote, remove_tree
 from components.training.loops import RetrievalJob
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,10 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
     parent run id) makes each trial an MLflow run nested under that parent.
     """
     ensure_ray()
-    storage = Path(cluster.storage_path).resolve()
+    filesystem, storage = arrow_filesystem(cluster.storage_path)  # a local folder (made absolute) or an s3:// prefix
     # a trial holds exactly num_workers × cpus_per_worker CPUs: its driver's share comes out of its workers' reservation
-    trial_cluster = dataclasses.replace(cluster, storage_path=str(storage),  # absolute: trials run in their own folders
+    trial_cluster = dataclasses.replace(cluster,  # absolute: trials run in their own folders
+                                        storage_path=cluster.storage_path if is_remote(cluster.storage_path) else storage,
                                         reserved_cpus_per_worker=cluster.cpus_per_worker - search.driver_cpus / cluster.num_workers)
     trial_job = dataclasses.replace(job, optim=dataclasses.replace(job.optim, epochs=search.epochs_per_trial),
                                     measure_start=False)
@@ -115,10 +117,11 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
         tune.with_parameters(_trial, loop=loop, job=trial_job, cluster=trial_cluster, experiment=name),
         {"CPU": search.driver_cpus})
     space, searcher, num_samples = _search_space(search)
-    path = storage / name
-    if tune.Tuner.can_restore(str(path)):
+    path = f"{storage}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         log.info("restoring margin search %s (finished trials are kept)", path)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, param_space=space, resume_unfinished=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_unfinished=True,
+                                   storage_filesystem=filesystem)
     else:
         callbacks = []
         if mlflow_parent is not None:
@@ -132,18 +135,19 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
                 metric=METRIC, mode="max", num_samples=num_samples, search_alg=searcher,
                 max_concurrent_trials=search.max_concurrent_trials, scheduler=_scheduler(search),
                 trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+            run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=filesystem, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
-    saved = tune.ExperimentAnalysis(str(path)).trials  # a signal stops fit() early; the saved state tells
+    saved = tune.ExperimentAnalysis(path, storage_filesystem=filesystem).trials  # a signal stops fit() early; the saved state tells
     ended = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
     if ended < len(saved):
         raise TrainingFailed(f"margin search {name} interrupted with {ended} of {len(saved)} trials ended; "
                              "run it again to resume (finished trials are kept)")
     outcomes = [_outcome(r, search.epochs_per_trial) for r in results]
-    for run in storage.glob(f"{name}-*"):  # the trials' Train runs (checkpoints) once every trial has ended
-        shutil.rmtree(run, ignore_errors=True)
+    for run in filesystem.get_file_info(FileSelector(storage)):  # the trials' Train runs (checkpoints), all ended
+        if run.base_name.startswith(f"{name}-"):
+            remove_tree(f"s3://{run.path}" if is_remote(cluster.storage_path) else run.path)
     if all(o.status == "error" for o in outcomes):
         raise TrainingFailed(f"all {len(outcomes)} margin-search trials failed; first: {outcomes[0].error}")
     return outcomes
@@ -212,5 +216,7 @@ def _outcome(result, epochs: int) -> TrialOutcome:
     val_maps = [float(r[METRIC]) for r in rows]
     status = "error" if result.error else "finished" if len(rows) >= epochs else "stopped early"
     error = "" if not result.error else root_cause(result.error)
-    config = result.config or json.loads((Path(result.path) / "params.json").read_text())  # a trial that never reported
+    if not (config := result.config):  # a trial that never reported: its params.json, local or on S3
+        with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+            config = json.loads(f.read())
     return TrialOutcome(Path(result.path).name, *trial_margins(config), status, len(rows), val_maps, error)

@@ -3,7 +3,6 @@ every Kubernetes manifest validates against the Kubernetes API schema (kubernete
 resources' pod templates too; no credential is written in any of them."""
 
 import subprocess
-from pathlib import Path
 
 import kubernetes_validate
 import pytest

@@ -22,7 +22,7 @@ from components.data.ingest import NOT_IN_CLASS_FOLDER, ingest, list_class_folde
 from components.errors import WeightsError
 from components.models.backbones import create_backbone
 from components.storage import StorageError, read_bytes
-from tests.conftest import REPO, S3_TEST_CREDENTIALS, tiny_sample
+from tests.conftest import REPO, S3_TEST_CREDENTIALS, free_port, tiny_sample
 
 SECRET = "wrong-secret-Zq8xV3"
 
@@ -79,12 +79,6 @@ def test_ingest_reads_a_bucket_of_class_folders(s3, tmp_path, fresh_s3_client):
     assert load_rgb(manifest["uri"].iloc[0]).mode == "RGB"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Unavailable(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -109,7 +103,7 @@ def broken_endpoint(request, monkeypatch, fresh_s3_client):
     monkeypatch.setattr(storage, "S3_CONNECT_TIMEOUT", 1.0)
     closers = []
     if kind == "down":
-        url = f"http://127.0.0.1:{_free_port()}"
+        url = f"http://127.0.0.1:{free_port()}"
     elif kind == "refusing":
         server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -156,7 +150,7 @@ def _params(tmp_path: Path, source: str) -> Path:
 
 
 def test_ingest_stage_with_the_endpoint_down_exits_with_one_line(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     done = _stage(_params(tmp_path, "s3://raw/photos"), "pipelines.ingest",
                   {"AWS_ENDPOINT_URL": url, **S3_TEST_CREDENTIALS, "AWS_SECRET_ACCESS_KEY": SECRET})
     assert done.returncode == 2, done.stderr
