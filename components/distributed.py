@@ -32,6 +32,7 @@ from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_trai
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+LOCAL_START_ATTEMPTS = 3
 
 
 class TrainingFailed(FiresightError):
@@ -104,7 +105,16 @@ def ensure_ray() -> None:
     if not ipaddress.ip_address(node_ip).is_loopback:
         raise RuntimeError(f"a local Ray would listen on {node_ip}, not loopback: ray was imported before the "
                            "components package (import it first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=code)
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=code)
+            return
+        except Exception as e:  # Ray gives its raylet and dashboard fixed start-up times a busy machine can miss
+            ray.shutdown()
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("local Ray did not start (attempt %d of %d: %s); starting it again", attempt,
+                        LOCAL_START_ATTEMPTS, root_cause(e)[:200])
 
 
 def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, cluster: Cluster,
