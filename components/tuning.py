@@ -107,6 +107,7 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
     """
     ensure_ray()
     filesystem, storage = arrow_filesystem(cluster.storage_path)  # a local folder (made absolute) or an s3:// prefix
+    tune_filesystem = filesystem if is_remote(cluster.storage_path) else None  # Tune's own default for a folder
     # a trial holds exactly num_workers × cpus_per_worker CPUs: its driver's share comes out of its workers' reservation
     trial_cluster = dataclasses.replace(cluster,  # absolute: trials run in their own folders
                                         storage_path=cluster.storage_path if is_remote(cluster.storage_path) else storage,
@@ -118,10 +119,10 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
         {"CPU": search.driver_cpus})
     space, searcher, num_samples = _search_space(search)
     path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+    if tune.Tuner.can_restore(path, storage_filesystem=tune_filesystem):
         log.info("restoring margin search %s (finished trials are kept)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_unfinished=True,
-                                   storage_filesystem=filesystem)
+                                   storage_filesystem=tune_filesystem)
     else:
         callbacks = []
         if mlflow_parent is not None:
@@ -135,11 +136,11 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
                 metric=METRIC, mode="max", num_samples=num_samples, search_alg=searcher,
                 max_concurrent_trials=search.max_concurrent_trials, scheduler=_scheduler(search),
                 trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=filesystem, callbacks=callbacks,
+            run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=tune_filesystem, callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
-    saved = tune.ExperimentAnalysis(path, storage_filesystem=filesystem).trials  # a signal stops fit() early; the saved state tells
+    saved = tune.ExperimentAnalysis(path, storage_filesystem=tune_filesystem).trials  # a signal stops fit() early; the saved state tells
     ended = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
     if ended < len(saved):
         raise TrainingFailed(f"margin search {name} interrupted with {ended} of {len(saved)} trials ended; "
@@ -154,8 +155,9 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
 
 
 def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome:
-    """The trial with the highest val mAP at any epoch (the first such one on ties)."""
-    scored = [o for o in outcomes if o.val_map_by_epoch]
+    """The trial with the highest val mAP at any epoch (on ties the first created, whatever order a restored
+    search returns its results in)."""
+    scored = sorted((o for o in outcomes if o.val_map_by_epoch), key=lambda o: o.trial_id)
     return max(scored, key=lambda o: o.best_val_map)
 
 
