@@ -7,6 +7,7 @@ fine-tune from the best classifier; writes the margins the retrieval stage uses.
 from __future__ import annotations
 
 import math
+import time
 
 import mlflow
 import pandas as pd
@@ -18,8 +19,7 @@ from components.storage import atomic_write_path, write_json
 from components.training.loops import train_retrieval
 from components.tuning import MarginSearch, TrialOutcome, best_trial, experiment_name, run_margin_search
 from pipelines._runner import run_stage
-from pipelines.common import (BEST_MARGINS, MARGIN_PLOT, METRICS_DIR, TRIALS_TABLE, load_splits, params_dict,
-                              stopwatch)
+from pipelines.common import BEST_MARGINS, MARGIN_PLOT, METRICS_DIR, TRIALS_TABLE, load_splits, params_dict
 from pipelines.params import MIN_MARGIN_GAP, Params, TuneParams
 from pipelines.retrieval import retrieval_job
 
@@ -57,9 +57,15 @@ def main(params: Params) -> None:
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run("tune", params_dict(params, "tune", "retrieval", "ray"),
                             tags={"firesight.tune_experiment": name}, resume_tag="firesight.tune_experiment") as run:
-        with stopwatch() as timing:
+        earlier = mlflow.get_run(run.info.run_id).data.metrics.get("search_wall_seconds", 0.0)  # before a restore
+        start = time.perf_counter()
+        try:
             outcomes = run_margin_search(train_retrieval, job, search, cluster=cluster, name=name,
                                          mlflow_parent=(mlflow.get_tracking_uri(), params.tracking.experiment, run.info.run_id))
+        finally:  # an interrupted invocation's time counts too
+            timing = {"wall_seconds": round(time.perf_counter() - start, 1)}
+            timing["search_wall_seconds"] = round(earlier + timing["wall_seconds"], 1)
+            mlflow.log_metric("search_wall_seconds", timing["search_wall_seconds"])
         best = best_trial(outcomes)
         table = trials_table(outcomes)
         grid = (t.pos_margins, t.neg_margins) if t.search == "grid" else None

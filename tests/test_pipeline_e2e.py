@@ -79,6 +79,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     meta = json.loads((repo / "models/retrieval/meta.json").read_text())
     assert (meta["pos_margin"], meta["neg_margin"]) == (chosen["pos_margin"], chosen["neg_margin"])
     assert (repo / "plots/margins.png").read_bytes()[:4] == b"\x89PNG"
+    search_seconds = json.loads((repo / "metrics/tune.json").read_text())["search_wall_seconds"]
 
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -99,6 +100,8 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
     log = _dvc(repo, "repro")
     assert "Running stage 'tune'" in log and "restoring margin search" in log
     assert json.loads((repo / "tune/best_margins.json").read_text()) == chosen
+    restored = json.loads((repo / "metrics/tune.json").read_text())  # the search's time adds up over invocations
+    assert restored["search_wall_seconds"] == pytest.approx(search_seconds + restored["wall_seconds"], abs=0.11)
     assert "Running stage 'retrieval'" in log and "Running stage 'evaluate'" in log
     for stage in ("ingest", "split", "classify"):
         assert f"Running stage '{stage}'" not in log
