@@ -15,7 +15,6 @@ from components.evaluation.protocol import score_queries
 from components.evaluation.plots import plot_distance_histograms
 from components.models.net import load_net
 from components.search.embed import embed_images
-from components.search.index import load_index
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
@@ -40,8 +39,8 @@ def main(params: Params) -> None:
 
         net = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)
         _, q_desc = embed_images(net, queries["uri"].tolist(), batch_size=bs, image_size=size, progress=True, desc="queries")
+        # mAP needs the whole database ranked: exact search over the index's descriptors, whatever index.kind serves
         finetuned, q_desc = score_queries(q_desc, queries["label"], db_desc, ids["label"], ranks=ranks,
-                                          index=load_index(INDEX_DIR / "faiss.index"),
                                           qe_k=params.evaluate.qe_k, qe_alpha=params.evaluate.qe_alpha)
 
         db_uris = test.set_index("id").loc[ids["id"], "uri"].tolist()

@@ -165,6 +165,13 @@ class RayParams(_Section):
 
 class IndexParams(_Section):
     batch_size: int = Field(default=32, ge=1)
+    kind: Literal["flat", "hnsw", "ivfpq"] = Field(default="flat", description="exact, or approximate search")
+    hnsw_m: int = Field(default=32, ge=2, description="hnsw: links per node")
+    ef_construction: int = Field(default=40, ge=1, description="hnsw: candidates while building")
+    ef_search: int = Field(default=64, ge=1, description="hnsw: candidates while searching")
+    nlist: int = Field(default=1024, ge=1, description="ivfpq: k-means cells")
+    pq_m: int = Field(default=32, ge=1, description="ivfpq: bytes per code (must divide the descriptor dimension)")
+    nprobe: int = Field(default=16, ge=1, description="ivfpq: cells searched per query")
     dba_k: int = Field(default=0, ge=0, description="database-side augmentation neighbours; 0 = off")
     dba_alpha: float = Field(default=3.0, ge=0)
 

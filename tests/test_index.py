@@ -1,9 +1,12 @@
-"""Exact faiss search over unit vectors, checked against numpy brute force."""
+"""faiss search over unit vectors: exact checked against numpy brute force; HNSW and IVF-PQ by their recall of it."""
 
 import numpy as np
 import pytest
 
-from components.search.index import build_index, l2_distance_from_ip, load_index, save_index, search
+from components.search.index import (IndexSpec, build_index, l2_distance_from_ip, load_index, save_index, search,
+                                     set_search_parameters)
+from pipelines.params import ParamsError, load_params
+from tests.conftest import REPO
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -87,3 +90,69 @@ def test_l2_distance_from_ip_matches_numpy(data):
     expected = np.linalg.norm(queries[:, None, :] - db[indices], axis=2)
     np.testing.assert_allclose(l2_distance_from_ip(scores), expected, atol=1e-3)
     assert l2_distance_from_ip(np.array([1.0001]))[0] == 0.0
+
+
+def _clustered(rng: np.random.Generator, n: int, d: int, clusters: int) -> np.ndarray:
+    centres = _unit(rng, clusters, d)
+    x = centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, d)).astype(np.float32) / np.sqrt(d)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _recall_at_10(index, db: np.ndarray, queries: np.ndarray) -> float:
+    _, found = search(index, queries, k=10)
+    exact = np.argsort(-(queries @ db.T), axis=1)[:, :10]
+    return float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact, strict=True)]))
+
+
+@pytest.fixture
+def clustered():
+    rng = np.random.default_rng(3)
+    x = _clustered(rng, 1050, 16, clusters=8)
+    return x[:1000], x[1000:]
+
+
+def test_default_spec_is_the_exact_flat_index(data):
+    db, _ = data
+    index = build_index(db)
+    assert IndexSpec().factory() == "Flat" and index.ntotal == 200 and index.metric_type == 0  # METRIC_INNER_PRODUCT
+
+
+def test_hnsw_recalls_the_exact_neighbours_and_keeps_ef_search(clustered, tmp_path):
+    db, queries = clustered
+    spec = IndexSpec("hnsw", hnsw_m=16, ef_search=48)
+    index = build_index(db, spec)
+    assert spec.factory() == "HNSW16" and index.ntotal == len(db)
+    assert _recall_at_10(index, db, queries) >= 0.95
+    save_index(index, tmp_path / "hnsw.faiss")
+    assert load_index(tmp_path / "hnsw.faiss").hnsw.efSearch == 48
+
+
+def test_ivfpq_recall_grows_with_nprobe_which_travels_with_the_file(clustered, tmp_path):
+    db, queries = clustered
+    index = build_index(db, IndexSpec("ivfpq", nlist=8, pq_m=8, nprobe=1))  # 2-d sub-vectors: a fine code
+    narrow = _recall_at_10(index, db, queries)
+    set_search_parameters(index, IndexSpec("ivfpq", nlist=8, pq_m=8, nprobe=8))  # every cell: only PQ error left
+    wide = _recall_at_10(index, db, queries)
+    assert index.nprobe == 8 and wide > narrow and wide >= 0.85
+    save_index(index, tmp_path / "ivfpq.faiss")
+    assert load_index(tmp_path / "ivfpq.faiss").nprobe == 8
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (IndexSpec("ivfpq", nlist=8, pq_m=5), "must divide the descriptor dimension 16"),
+        (IndexSpec("ivfpq", nlist=512, pq_m=8), "at least max"),
+    ],
+)
+def test_ivfpq_that_cannot_train_raises(clustered, spec, message):
+    db, _ = clustered
+    with pytest.raises(ValueError, match=message):
+        build_index(db[:300], spec)
+
+
+def test_index_params_are_validated(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("index:\n", "index:\n  kind: annoy\n", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match="index.kind"):
+        load_params(tmp_path / "params.yaml")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 
 from components.evaluation.metrics import evaluate_rankings
@@ -19,15 +18,14 @@ def score_queries(
     db_labels: Sequence,
     *,
     ranks: Sequence[int] = (1, 5, 10),
-    index: faiss.Index | None = None,
     qe_k: int = 0,
     qe_alpha: float = 3.0,
 ) -> tuple[dict, np.ndarray]:
-    """mAP and CMC@ranks of the queries against the whole database (after αQE when qe_k > 0).
+    """mAP and CMC@ranks of the queries against the whole database, ranked exactly (after αQE when qe_k > 0).
 
     Returns the metrics and the (possibly expanded) query descriptors that were searched.
     """
     if qe_k:
         query_desc = alpha_query_expansion(query_desc, db_desc, qe_k, qe_alpha)
-    _, ranking = search(index if index is not None else build_index(db_desc), query_desc, k=len(db_desc))
+    _, ranking = search(build_index(db_desc), query_desc, k=len(db_desc))
     return evaluate_rankings(np.asarray(query_labels), np.asarray(db_labels), ranking, ranks), query_desc
