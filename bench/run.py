@@ -1,0 +1,83 @@
+"""python -m bench [--quick] [--sections extract,train,...] [--full-data]: run the benchmark suite, write
+bench/results/<date>-<mode>.json and the markdown tables beside it (.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import accuracy, extract, pipeline, ray_overhead, search, train
+from bench.measure import load_average, now
+from bench.report import render
+from pipelines.common import git_commit
+
+SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
+    "extract": extract.run, "train": train.run, "ray": ray_overhead.run, "search": search.run,
+    "pipeline": pipeline.run, "accuracy": accuracy.run,
+}
+RESULTS_DIR = Path("bench/results")
+VERSIONS = ("torch", "timm", "faiss-cpu", "ray", "mlflow", "dvc", "numpy")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Firesight's benchmark suite: writes a JSON of results and its markdown tables (see BENCHMARKS.md).")
+    parser.add_argument("--quick", action="store_true", help="small sizes: the whole suite in under 10 minutes")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, in this order by default: {','.join(SECTIONS)}")
+    parser.add_argument("--full-data", action="store_true",
+                        help="pipeline section on the full Caltech-101 (configs/caltech101-full.yaml) instead of the sample")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the .json and .md")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+
+    mode = "quick" if args.quick else "full"
+    stem = "-".join([time.strftime("%Y-%m-%d"), mode] + (["full-data"] if args.full_data else [])
+                    + ([] if sections == list(SECTIONS) else ["+".join(sections)]))
+    results: dict[str, Any] = {"mode": mode, "command": " ".join(["python -m bench", *(argv or sys.argv[1:])]),
+                               "git_commit": git_commit(), "machine": machine(), "started": now(),
+                               "loadavg_start": load_average(), "sections": {}}
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in sections:
+        print(f"bench: {name} ({mode}) ...", file=sys.stderr, flush=True)
+        section_start = time.perf_counter()
+        try:
+            kwargs = {"full_data": args.full_data} if name == "pipeline" else {}
+            results["sections"][name] = SECTIONS[name](mode, **kwargs)
+        except Exception as e:  # one broken section must not lose the others' results
+            results["sections"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        results["sections"][name]["section_seconds"] = round(time.perf_counter() - section_start, 1)
+        print(f"bench: {name} done in {results['sections'][name]['section_seconds']:.0f} s", file=sys.stderr, flush=True)
+        _write(results | {"ended": now(), "loadavg_end": load_average(), "wall_seconds": time.perf_counter() - start},
+               args.out / stem)
+    print(f"bench: wrote {args.out / stem}.json and .md", file=sys.stderr)
+
+
+def _write(results: dict[str, Any], stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    stem.with_suffix(".md").write_text(render(results))
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    return {"cpu": cpu, "cores": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": platform.platform(), "python": platform.python_version(),
+            "versions": {name: version(name) for name in VERSIONS}}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The benchmark suite's logic (no timings asserted: speed is measured by `python -m bench`, never tested)."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from bench.descriptors import ClusteredDescriptors, Gaussian, neighbour_similarity
+from bench.measure import goal, interleaved_rates
+from bench.pipeline import pipeline_params, stage_order
+from bench.report import render, table
+from bench.search import _database, _recall, specs
+from bench.train import timed_loop
+from components.training.context import LocalContext
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def real():
+    """Stand-in for real descriptors: 12 classes of 20 anisotropic, clustered unit vectors in 64-d."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 64)) * np.linspace(2, 0.1, 64)
+    x = np.repeat(centres, 20, axis=0) + rng.normal(size=(240, 64)) * np.linspace(1, 0.05, 64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.repeat(np.arange(12), 20)
+
+
+def test_synthetic_descriptors_are_unit_clustered_and_follow_the_real_sizes(real):
+    x, labels = real
+    model = ClusteredDescriptors.fit(x, labels, components=16)
+    out = np.empty((1000, 64), dtype=np.float32)
+    clusters = model.fill(out, np.random.default_rng(1))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    assert (np.diff(clusters) >= 0).all() and np.bincount(clusters)[:-1].tolist() == [20] * (clusters[-1])
+    same = [out[clusters == c] @ out[clusters == c].T for c in range(3)]
+    assert np.mean([s[np.triu_indices(len(s), 1)].mean() for s in same]) > neighbour_similarity(out)["random_pair"]
+
+
+def test_gaussian_leftover_noise_stays_off_the_principal_directions(real):
+    x, _ = real
+    g = Gaussian.fit(x, components=8)
+    assert g.basis.shape == (64, 8) and g.leftover_std > 0
+    draws = g.sample(500, np.random.default_rng(2), centres=np.zeros((500, 64), dtype=np.float32))
+    along = draws @ g.basis
+    np.testing.assert_allclose(along.std(axis=0), g.scales, rtol=0.2)
+
+
+def test_search_database_holds_out_the_queries(real):
+    x, labels = real
+    db, queries, real_in_db = _database(600, x, ClusteredDescriptors.fit(x, labels, 16), 40, np.random.default_rng(3))
+    assert db.shape == (600, 64) and queries.shape == (40, 64) and real_in_db == 240 - 20
+    assert not any((db == q).all(axis=1).any() for q in queries)
+    np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1, atol=1e-5)
+
+
+def test_recall_counts_hits_and_ignores_missing_results():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
+    assert _recall(found, exact) == pytest.approx((2 + 4) / 8)
+
+
+@pytest.mark.parametrize("dim", [1280, 1408, 96])
+def test_index_specs_fit_the_dimension(dim):
+    flat, hnsw, ivfpq = specs(1_000_000, dim)
+    assert (flat.kind, hnsw.kind, ivfpq.kind) == ("flat", "hnsw", "ivfpq")
+    assert dim % ivfpq.pq_m == 0 and ivfpq.nlist == 1024 and specs(20_000, dim)[2].nlist == 512
+
+
+def test_stages_run_after_their_inputs():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    order = stage_order(dict(reversed(list(stages.items()))))
+    assert sorted(order) == sorted(stages)
+    assert order.index("ingest") < order.index("split") < order.index("classify") < order.index("retrieval")
+    assert order.index("retrieval") < order.index("index") < order.index("evaluate")
+    with pytest.raises(ValueError, match="cycle"):
+        stage_order({"a": {"deps": ["b.txt"], "outs": ["a.txt"]}, "b": {"deps": ["a.txt"], "outs": ["b.txt"]}})
+
+
+def test_pipeline_params_merge_overrides_and_make_the_full_source_absolute(monkeypatch):
+    monkeypatch.chdir(REPO)
+    quick = pipeline_params(False, {"classify": {"epochs": 1}})
+    assert quick["classify"]["epochs"] == 1 and quick["classify"]["lr"] == yaml.safe_load(open("params.yaml"))["classify"]["lr"]
+    full = pipeline_params(True, {})
+    assert full["ingest"]["source"].startswith("/") and full["ingest"]["source"].endswith("caltech101")
+
+
+def test_timed_loop_notes_each_report(tmp_path):
+    def three_epochs(job, ctx):
+        for epoch in range(job):
+            ctx.report({"epoch": epoch}, None)
+
+    times = tmp_path / "times.json"
+    timed_loop(3, LocalContext(tmp_path / "run"), loop=three_epochs, times_file=str(times))
+    noted = json.loads(times.read_text())
+    assert len(noted) == 3 and noted == sorted(noted)
+
+
+def test_interleaved_rates_and_goals_are_recorded():
+    calls = []
+    rates = interleaved_rates({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, work=10, rounds=2,
+                              min_seconds=0)
+    assert calls == ["a", "b"] * 3  # a warm-up round, then 2 timed rounds, in turn
+    assert set(rates) == {"a", "b"} and len(rates["a"]["rates"]) == 2 and "loadavg_start" in rates["a"]
+    assert goal("g", 0.96, 0.95)["met"] and not goal("g", 16.0, 15.0, unit=" s", higher_is_better=False)["met"]
+
+
+def test_report_lists_goals_and_failed_sections():
+    results = {
+        "mode": "quick", "command": "python -m bench --quick", "git_commit": "abc", "started": "2026-11-23T10:00:00",
+        "ended": "2026-11-23T10:09:00", "wall_seconds": 540, "loadavg_start": [1.0, 1, 1], "loadavg_end": [2.0, 1, 1],
+        "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 24, "os": "linux", "python": "3.11", "versions": {"torch": "2"}},
+        "sections": {"search": {"error": "ValueError: boom"},
+                     "pipeline": {"error": "x", "goals": [goal("pipeline: no-op", 3.0, 15.0, " s", False)]}},
+    }
+    text = render(results)
+    assert "| pipeline: no-op | 3.00 | ≤ 15.0 s | met |" in text and "Failed: `ValueError: boom`" in text
+    assert table(["a"], [(None,), (1234.5,)]).splitlines()[2:] == ["| — |", "| 1,234 |"]
