@@ -1,3 +1,5 @@
+import typer
+
 from bench.run import main
 
-main()
+typer.run(main)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline import QUICK_OVERRIDES, RepoCopy, pipeline_params
+from bench.pipeline import NO_SEARCH, QUICK_OVERRIDES, RepoCopy, pipeline_params
 
 ABLATION = Path("docs/ablation.json")
 TRAINING_STAGES = ("classify", "retrieval")
@@ -19,7 +19,7 @@ CHOICES = {
 
 
 def run(mode: str) -> dict[str, Any]:
-    overrides = QUICK_OVERRIDES if mode == "quick" else {}
+    overrides = QUICK_OVERRIDES if mode == "quick" else NO_SEARCH  # the paper-style margins for every choice
     params = pipeline_params(False, overrides)
     copy = RepoCopy()
     rows = []

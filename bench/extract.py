@@ -17,7 +17,7 @@ from pipelines.common import net_spec
 from pipelines.params import load_params
 
 GOAL_RATIO = 0.9
-SIZES = {"quick": {"images": 96, "rounds": 2, "grid_images": 64, "batch_sizes": (1, 32)},
+SIZES = {"quick": {"images": 64, "rounds": 2, "grid_images": 32, "batch_sizes": (1, 32)},
          "full": {"images": 320, "rounds": 3, "grid_images": 128, "batch_sizes": (1, 8, 32, 64)}}
 THREADS = (1, 2)
 

@@ -109,12 +109,12 @@ def _search(s: dict) -> str:
                   [(k["factory"], k["build"]["wall_seconds"], k["build"]["rss_growth_mib"], _load(k["build"]))
                    for k in size["kinds"]]),
             table(["index", "search parameter", "queries/s (batch)", "recall@10"],
-                  [(k["factory"], f"{p['parameter']}={p['value']}" if p["parameter"] else "exact", p["queries_per_s"],
-                    p["recall_at_10"]) for k in size["kinds"] for p in k["sweep"]]),
+                  [(k["factory"], p["setting"], p["queries_per_s"], p["recall_at_10"])
+                   for k in size["kinds"] for p in k["sweep"]]),
             "Firesight's `search()` vs `index.search()` on the same index (default search parameter):",
             table(["index", "calls", "queries", "faiss q/s", "Firesight q/s", "ratio", "load avg"],
                   [(k["factory"], mode, v["queries"], v["faiss_queries_per_s"], v["firesight_queries_per_s"],
-                    v["ratio"], _load(v)) for k in size["kinds"] for mode, v in k["vs_faiss"].items()]),
+                    v["ratio"], _load(v)) for k in size["kinds"] for mode, v in k.get("vs_faiss", {}).items()]),
         ]
     return "\n\n".join(parts)
 

@@ -3,7 +3,6 @@ bench/results/<date>-<mode>.json and the markdown tables beside it (.md)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import typer
 
 from bench import accuracy, extract, pipeline, ray_overhead, search, train
 from bench.measure import load_average, now
@@ -29,41 +29,40 @@ RESULTS_DIR = Path("bench/results")
 VERSIONS = ("torch", "timm", "faiss-cpu", "ray", "mlflow", "dvc", "numpy")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Firesight's benchmark suite: writes a JSON of results and its markdown tables (see BENCHMARKS.md).")
-    parser.add_argument("--quick", action="store_true", help="small sizes: the whole suite in under 10 minutes")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated, in this order by default: {','.join(SECTIONS)}")
-    parser.add_argument("--full-data", action="store_true",
-                        help="pipeline section on the full Caltech-101 (configs/caltech101-full.yaml) instead of the sample")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the .json and .md")
-    args = parser.parse_args(argv)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = [s for s in sections if s not in SECTIONS]
+def main(
+    quick: bool = typer.Option(False, "--quick", help="small sizes: the whole suite in under 10 minutes"),
+    sections: str = typer.Option(",".join(SECTIONS), help=f"comma-separated, in this order by default: {','.join(SECTIONS)}"),
+    full_data: bool = typer.Option(False, "--full-data",
+                                   help="pipeline section on the full Caltech-101 (configs/caltech101-full.yaml)"),
+    out: Path = typer.Option(RESULTS_DIR, help="folder for the .json and .md"),
+) -> None:
+    """Firesight's benchmark suite: writes a JSON of results and its markdown tables (see BENCHMARKS.md)."""
+    chosen = [s.strip() for s in sections.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
-        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+        raise typer.BadParameter(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", param_hint="--sections")
 
-    mode = "quick" if args.quick else "full"
-    stem = "-".join([time.strftime("%Y-%m-%d"), mode] + (["full-data"] if args.full_data else [])
-                    + ([] if sections == list(SECTIONS) else ["+".join(sections)]))
-    results: dict[str, Any] = {"mode": mode, "command": " ".join(["python -m bench", *(argv or sys.argv[1:])]),
+    mode = "quick" if quick else "full"
+    stem = "-".join([time.strftime("%Y-%m-%d"), mode] + (["full-data"] if full_data else [])
+                    + ([] if chosen == list(SECTIONS) else ["+".join(chosen)]))
+    results: dict[str, Any] = {"mode": mode, "command": " ".join(["python -m bench", *sys.argv[1:]]),
                                "git_commit": git_commit(), "machine": machine(), "started": now(),
                                "loadavg_start": load_average(), "sections": {}}
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in sections:
-        print(f"bench: {name} ({mode}) ...", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        typer.echo(f"bench: {name} ({mode}) ...", err=True)
         section_start = time.perf_counter()
         try:
-            kwargs = {"full_data": args.full_data} if name == "pipeline" else {}
+            kwargs = {"full_data": full_data} if name == "pipeline" else {}
             results["sections"][name] = SECTIONS[name](mode, **kwargs)
         except Exception as e:  # one broken section must not lose the others' results
             results["sections"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
         results["sections"][name]["section_seconds"] = round(time.perf_counter() - section_start, 1)
-        print(f"bench: {name} done in {results['sections'][name]['section_seconds']:.0f} s", file=sys.stderr, flush=True)
+        typer.echo(f"bench: {name} done in {results['sections'][name]['section_seconds']:.0f} s", err=True)
         _write(results | {"ended": now(), "loadavg_end": load_average(), "wall_seconds": time.perf_counter() - start},
-               args.out / stem)
-    print(f"bench: wrote {args.out / stem}.json and .md", file=sys.stderr)
+               out / stem)
+    typer.echo(f"bench: wrote {out / stem}.json and .md", err=True)
 
 
 def _write(results: dict[str, Any], stem: Path) -> None:
@@ -80,4 +79,4 @@ def machine() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)
