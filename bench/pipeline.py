@@ -139,7 +139,9 @@ def run(mode: str, full_data: bool = False) -> dict[str, Any]:
         "stages": rows,
         "total_seconds": round(sum(r["wall_seconds"] for r in rows), 1),
         "noop_repro": noop,
+        "model": pipeline_params(full_data, overrides)["model"],
         "test_map": results.get("test", {}).get("map"),
+        "off_the_shelf_map": results.get("off_the_shelf", {}).get("map"),
         "goals": [],
     }
     if noop is not None:

@@ -150,7 +150,7 @@ def _accuracy(s: dict) -> str:
         f"Data: {s['data']}{overrides}; each row a whole `dvc repro` with that backbone and pooling.",
         table(["backbone", "pooling", "off-the-shelf mAP", "fine-tuned mAP", "classify (s)", "retrieval (s)",
                "training (s)", "mAP gain per training minute", "load avg"],
-              [(r["backbone"], r["pooling"], _map(r["off_the_shelf_map"]), _map(r["test_map"]), r["classify_seconds"],
+              [(r["backbone"] + (" (the pipeline section's run)" if r.get("from") else ""), r["pooling"], _map(r["off_the_shelf_map"]), _map(r["test_map"]), r["classify_seconds"],
                 r["retrieval_seconds"], r["training_seconds"],
                 _gain_per_minute(r["test_map"], r["off_the_shelf_map"], r["training_seconds"]), _load(r))
                for r in s["choices"]]),

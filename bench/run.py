@@ -54,7 +54,8 @@ def main(
         typer.echo(f"bench: {name} ({mode}) ...", err=True)
         section_start = time.perf_counter()
         try:
-            kwargs = {"full_data": full_data} if name == "pipeline" else {}
+            kwargs = ({"full_data": full_data} if name == "pipeline"
+                      else {"pipeline": results["sections"].get("pipeline")} if name == "accuracy" else {})
             results["sections"][name] = SECTIONS[name](mode, **kwargs)
         except Exception as e:  # one broken section must not lose the others' results
             results["sections"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}

@@ -23,6 +23,7 @@ from components.errors import FiresightError
 log = logging.getLogger(__name__)
 
 ARTIFACT_ROOT = Path("mlartifacts")
+MODEL_CODE = Path(__file__).with_name("registry_model.py")
 # What the logged pyfunc model needs at load time; given explicitly so MLflow need not infer it (slow).
 MODEL_PIP_REQUIREMENTS = ["torch==2.15.0", "torchvision==0.29.2", "timm==1.0.31", "pillow==13.0.0", "numpy==2.4.6"]
 
@@ -111,27 +112,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class EmbeddingModel(mlflow.pyfunc.PythonModel):
-    """pyfunc model: a batch of RGB uint8 images (B, H, W, 3) → L2-normalised descriptors (B, dim)."""
-
-    def load_context(self, context) -> None:
-        from components.models.net import load_net
-
-        self.net = load_net(Path(context.artifacts["checkpoint"]))
-
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        import torch
-        from PIL import Image
-
-        from components.data.transforms import BatchTransform
-
-        transform = BatchTransform.for_eval(self.net.meta)
-        images = np.asarray(model_input, dtype=np.uint8)
-        with torch.no_grad():
-            batch, = transform([(Image.fromarray(img),) for img in images])
-            return self.net(batch).numpy()
-
-
 @dataclass(frozen=True)
 class Registration:
     name: str
@@ -162,7 +142,7 @@ def register_model(
     )
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=EmbeddingModel(),
+        python_model=str(MODEL_CODE),  # models-from-code: nothing pickled
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(__file__).parent)],
         signature=signature,

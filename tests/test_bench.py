@@ -115,3 +115,21 @@ def test_report_lists_goals_and_failed_sections():
     text = render(results)
     assert "| pipeline: no-op | 3.00 | ≤ 15.0 s | met |" in text and "Failed: `ValueError: boom`" in text
     assert table(["a"], [(None,), (1234.5,)]).splitlines()[2:] == ["| — |", "| 1,234 |"]
+
+
+def test_accuracy_takes_the_pipeline_sections_run_only_when_it_ran_the_same_params():
+    from bench.accuracy import _from_pipeline
+    from bench.pipeline import QUICK_OVERRIDES
+
+    stages = [{"stage": s, "returncode": 0, "in_stage_seconds": t, "wall_seconds": w, "loadavg_start": [1, 1, 1],
+               "loadavg_end": [2, 2, 2]} for s, t, w in (("ingest", None, 4), ("classify", 46.0, 63), ("retrieval", 55.5, 71),
+                                                         ("evaluate", 2.0, 19))]
+    pipeline = {"data": "sample (params.yaml)", "overrides": QUICK_OVERRIDES, "stages": stages, "test_map": 0.75,
+                "off_the_shelf_map": 0.76, "model": {"backbone": "tf_efficientnet_lite0", "pooling": "gem"}}
+    row = _from_pipeline(pipeline, QUICK_OVERRIDES)
+    assert (row["backbone"], row["pooling"], row["training_seconds"], row["wall_seconds"]) == ("tf_efficientnet_lite0", "gem", 101.5, 157)
+    assert _from_pipeline(pipeline, {}) is None  # other params
+    assert _from_pipeline({**pipeline, "data": "full Caltech-101"}, QUICK_OVERRIDES) is None
+    failed = [{**s, "returncode": 1} if s["stage"] == "retrieval" else s for s in stages]
+    assert _from_pipeline({**pipeline, "stages": failed}, QUICK_OVERRIDES) is None
+    assert _from_pipeline(None, QUICK_OVERRIDES) is None

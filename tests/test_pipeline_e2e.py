@@ -39,7 +39,7 @@ def _set_params(repo: Path, changes: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_dvc_repro_end_to_end(repo_copy: Path):
+def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     repo = repo_copy
     tiny_sample(repo / "data" / "sample", classes=12, per_class=8)
     (repo / "data" / "sample" / "anchor" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -51,7 +51,8 @@ def test_dvc_repro_end_to_end(repo_copy: Path):
 
     start = time.monotonic()
     log = _dvc(repo, "repro")
-    print(f"dvc repro, embedded defaults: {time.monotonic() - start:.1f} s")  # vs test_pipeline_s3's (pytest -s)
+    with capsys.disabled():  # against test_pipeline_s3's, in the test log
+        print(f"\ndvc repro, embedded defaults: {time.monotonic() - start:.1f} s")
     for stage in ("ingest", "split", "classify", "tune", "retrieval", "index", "evaluate"):
         assert f"Running stage '{stage}'" in log
 

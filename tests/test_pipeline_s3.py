@@ -29,7 +29,7 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def test_dvc_repro_with_s3_and_an_mlflow_server(repo_copy: Path, s3_env: dict, tmp_path: Path):
+def test_dvc_repro_with_s3_and_an_mlflow_server(repo_copy: Path, s3_env: dict, tmp_path: Path, capsys):
     import boto3
     from mlflow import MlflowClient
 
@@ -51,7 +51,8 @@ def test_dvc_repro_with_s3_and_an_mlflow_server(repo_copy: Path, s3_env: dict, t
         start = time.monotonic()
         log = dvc(repo, "repro", env=env, timeout=1800)
         wall = time.monotonic() - start
-        print(f"dvc repro on S3 + an MLflow server: {wall:.1f} s")  # the README's timing (pytest -s)
+        with capsys.disabled():  # the README's timing, in the test log
+            print(f"\ndvc repro on S3 + an MLflow server: {wall:.1f} s")
         for stage in ("ingest", "split", "classify", "tune", "retrieval", "index", "evaluate"):
             assert f"Running stage '{stage}'" in log
 

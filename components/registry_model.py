@@ -1,0 +1,33 @@
+"""The registered pyfunc model, logged as code (MLflow models-from-code): loading it from the registry runs this
+file instead of unpickling an object, and the weights load from the checkpoint artifact with `weights_only=True`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+
+class EmbeddingModel(mlflow.pyfunc.PythonModel):
+    """A batch of RGB uint8 images (B, H, W, 3) → L2-normalised descriptors (B, dim)."""
+
+    def load_context(self, context) -> None:
+        from components.models.net import load_net
+
+        self.net = load_net(Path(context.artifacts["checkpoint"]))
+
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        import torch
+        from PIL import Image
+
+        from components.data.transforms import BatchTransform
+
+        transform = BatchTransform.for_eval(self.net.meta)
+        images = np.asarray(model_input, dtype=np.uint8)
+        with torch.no_grad():
+            batch, = transform([(Image.fromarray(img),) for img in images])
+            return self.net(batch).numpy()
+
+
+mlflow.models.set_model(EmbeddingModel())
