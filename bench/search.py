@@ -24,10 +24,10 @@ GOAL_RATIO = 0.95
 GOAL_RECALL, GOAL_QPS, GOAL_SIZE = 0.95, 1000, 1_000_000
 SIZES = {
     "quick": {"sizes": (20_000,), "queries": 500, "real_images": 600, "single_queries": 100,
-              "ef_search": (16, 64, 256), "nprobe": (1, 16, 64), "rerank": ((16, 4), (64, 16)), "rounds": 2},
+              "ef_search": (16, 64, 256), "nprobe": (1, 16, 64), "rerank": ((16, 4), (64, 16)), "rounds": 5},
     "full": {"sizes": (100_000, 1_000_000), "queries": 1000, "real_images": None, "single_queries": 200,
              "ef_search": (16, 32, 64, 128, 256, 512), "nprobe": (1, 4, 16, 64, 256),
-             "rerank": ((16, 4), (16, 16), (64, 4), (64, 16)), "rounds": 3},
+             "rerank": ((16, 4), (16, 16), (64, 4), (64, 16)), "rounds": 7},
 }
 FLAT_TIMED_QUERIES = 100  # exhaustive search is slow: its Firesight-vs-faiss comparison uses fewer queries
 SEED = 0
