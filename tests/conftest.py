@@ -32,6 +32,14 @@ def tiny_sample(target: Path, classes: int, per_class: int, max_side: int = 64) 
     return rows
 
 
+def tiny_train_val(target: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """6 classes × 6 tiny real images: (path, class index) of classes 0-3 to train on, and of classes 4-5 to validate."""
+    rows = tiny_sample(target, classes=6, per_class=6)
+    labels = {name: i for i, name in enumerate(sorted({label for _, label in rows}))}
+    return ([(u, labels[label]) for u, label in rows if labels[label] < 4],
+            [(u, labels[label]) for u, label in rows if labels[label] >= 4])
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray for the session's distributed tests, shut down at the end."""

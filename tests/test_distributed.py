@@ -6,16 +6,13 @@ import pytest
 from components.distributed import Cluster, run_training
 from components.models.net import load_net
 from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalJob, RetrievalValSet, train_retrieval
-from tests.conftest import tiny_sample
+from tests.conftest import tiny_train_val
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_gloo_workers_end_identical_on_disjoint_shards(tmp_path, ray_local):
-    rows = tiny_sample(tmp_path / "images", classes=6, per_class=6)
-    labels = {name: i for i, name in enumerate(sorted({label for _, label in rows}))}
-    train = [(u, labels[l]) for u, l in rows if labels[l] < 4]
-    val = [(u, labels[l]) for u, l in rows if labels[l] >= 4]
+    train, val = tiny_train_val(tmp_path / "images")
     job = RetrievalJob(
         net=NetSpec("tf_efficientnet_lite0", "gem", 3.0, 64, None, frozen_stages=5),
         optim=Optimisation(epochs=2, batch_size=4, lr=0.05, momentum=0.9, weight_decay=0.0, lr_step_epochs=10,

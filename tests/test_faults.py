@@ -15,17 +15,14 @@ import yaml
 
 from components.distributed import Cluster, run_training
 from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalJob, RetrievalValSet
-from tests.conftest import TINY_PARAMS, dvc, git_commit_all, set_params, stop_group, tiny_sample, tool_env
+from tests.conftest import TINY_PARAMS, dvc, git_commit_all, set_params, stop_group, tiny_sample, tiny_train_val, tool_env
 from tests.fault_loops import KILL_IN_EPOCH, loop_killed_once
 
 pytestmark = pytest.mark.slow
 
 
 def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path, ray_local):
-    rows = tiny_sample(tmp_path / "images", classes=6, per_class=6)
-    labels = {name: i for i, name in enumerate(sorted({label for _, label in rows}))}
-    train = [(u, labels[l]) for u, l in rows if labels[l] < 4]
-    val = [(u, labels[l]) for u, l in rows if labels[l] >= 4]
+    train, val = tiny_train_val(tmp_path / "images")
     epochs = 3
     job = RetrievalJob(
         net=NetSpec("tf_efficientnet_lite0", "gem", 3.0, 64, None, frozen_stages=5),
