@@ -80,9 +80,14 @@ def is_remote(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
 
 
+def _endpoint_url() -> str:
+    """The S3 endpoint URL the environment sets ("" for AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
 def s3_endpoint() -> str:
-    """The S3 endpoint requests go to, as the environment sets it."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default S3 endpoint"
+    """The S3 endpoint requests go to, for messages."""
+    return _endpoint_url() or "the AWS default S3 endpoint"
 
 
 _S3_BY_PID: dict[int, Any] = {}
@@ -113,7 +118,7 @@ def arrow_filesystem(uri: str) -> tuple[Any, str]:
 
     if not is_remote(uri):
         return fs.LocalFileSystem(), str(Path(uri).resolve())
-    endpoint = urlsplit(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "")
+    endpoint = urlsplit(_endpoint_url())
     s3 = fs.S3FileSystem(
         endpoint_override=endpoint.netloc or None, scheme=endpoint.scheme or "https",
         region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
