@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from components.data.ingest import SourceFile, ingest, list_class_folder, read_listing_csv
+from components.data.ingest import ingest
+from components.data.listing import SourceFile, list_class_folder, read_listing_csv
 from components.errors import FiresightError
 from components.storage import is_remote, write_json, write_parquet
 from pipelines._runner import run_stage

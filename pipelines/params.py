@@ -29,6 +29,8 @@ class IngestParams(_Section):
     exclude_classes: list[str] = []
     max_images_per_class: int | None = Field(default=None, ge=1)
     min_side: int = Field(default=32, ge=1)
+    max_file_bytes: int = Field(default=64 * 2**20, ge=1, description="larger files are quarantined unread")
+    max_pixels: int = Field(default=50_000_000, ge=1, description="images with more pixels are quarantined")
     workers: int = Field(default=2, ge=1)
     seed: int = 0
 
@@ -157,6 +159,8 @@ class TuneParams(_Section):
 
 
 class RayParams(_Section):
+    address: str | None = Field(default=None, description="a Ray cluster to join (RAY_ADDRESS overrides); "
+                                                             "null starts a private local Ray")
     num_workers: int = Field(default=2, ge=1)
     cpus_per_worker: int = Field(default=1, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"

@@ -13,13 +13,8 @@ import pytest
 from PIL import Image
 
 from components.data.images import BadImage, inspect_image, load_rgb
-from components.data.ingest import (
-    MANIFEST_COLUMNS,
-    SourceFile,
-    ingest,
-    list_class_folder,
-    read_listing_csv,
-)
+from components.data.ingest import MANIFEST_COLUMNS, ingest
+from components.data.listing import SourceFile, list_class_folder, read_listing_csv
 from components.errors import DataError
 from components.storage import atomic_write_path, write_json
 

@@ -18,7 +18,8 @@ import yaml
 
 from components import storage
 from components.data.images import load_rgb
-from components.data.ingest import NOT_IN_CLASS_FOLDER, ingest, list_class_folder
+from components.data.ingest import NOT_IN_CLASS_FOLDER, ingest
+from components.data.listing import list_class_folder
 from components.errors import WeightsError
 from components.models.backbones import create_backbone
 from components.storage import StorageError, read_bytes

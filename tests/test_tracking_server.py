@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from components import tracking
 from components.tracking import TrackingError
@@ -27,7 +26,6 @@ def stage(params):
 run_stage("classify", stage)
 """
 
-
 def test_tracking_server_down_at_start_fails_fast(monkeypatch):
     url = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
@@ -36,7 +34,6 @@ def test_tracking_server_down_at_start_fails_fast(monkeypatch):
         tracking.configure("sqlite:///unused.db", "firesight")
     assert str(err.value).startswith(f"MLflow at {url}: cannot open experiment firesight: server unreachable")
     assert time.monotonic() - start < 60
-
 
 @pytest.mark.slow
 def test_tracking_server_lost_mid_stage_is_one_line(tmp_path):
