@@ -1,19 +1,28 @@
 """params.yaml schema: every stage's section, validated on load.
 
-A misspelt key or a bad value raises `ParamsError` naming the key (e.g. `classify.lrr: unknown key`).
+The file is read as YAML 1.2, as DVC reads it: only `true`/`false` are booleans (`search: off` and `use_gpu: no`
+stay the words they are), and a key given twice is an error. Values are checked strictly (no `true` for a number,
+no `1.5` for a count, no `.inf`/`.nan`) and every number has finite bounds. A misspelt key or a bad value raises
+`ParamsError` naming the key (e.g. `classify.lrr: unknown key`).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import YAMLError
 
 from components.errors import FiresightError
 
 DEFAULT_PARAMS = Path("params.yaml")
+MAX_SIDE = 4096  # pixels: the longest image side any stage resizes to
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class ParamsError(FiresightError):
@@ -21,91 +30,91 @@ class ParamsError(FiresightError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class IngestParams(_Section):
     source: str = Field(description="folder or s3:// prefix with one sub-folder per class, or a CSV listing with columns path,label")
     exclude_classes: list[str] = []
-    max_images_per_class: int | None = Field(default=None, ge=1)
-    min_side: int = Field(default=32, ge=1)
-    max_file_bytes: int = Field(default=64 * 2**20, ge=1, description="larger files are quarantined unread")
-    max_pixels: int = Field(default=50_000_000, ge=1, description="images with more pixels are quarantined")
-    workers: int = Field(default=2, ge=1)
-    seed: int = 0
+    max_images_per_class: int | None = Field(default=None, ge=1, le=10**7)
+    min_side: int = Field(default=32, ge=1, le=MAX_SIDE)
+    max_file_bytes: int = Field(default=64 * 2**20, ge=1, le=2**34, description="larger files are quarantined unread")
+    max_pixels: int = Field(default=50_000_000, ge=1, le=10**9, description="images with more pixels are quarantined")
+    workers: int = Field(default=2, ge=1, le=256)
+    seed: Seed = 0
 
 
 class ClassRatio(_Section):
-    train: float = Field(default=107, gt=0)
-    val: float = Field(default=20, gt=0)
-    test: float = Field(default=40, gt=0)
+    train: float = Field(default=107, gt=0, le=10**6)
+    val: float = Field(default=20, gt=0, le=10**6)
+    test: float = Field(default=40, gt=0, le=10**6)
 
 
 class SplitParams(_Section):
-    seed: int = 0
+    seed: Seed = 0
     class_ratio: ClassRatio = ClassRatio()
-    val_classes: int | None = Field(default=None, ge=1)
-    test_classes: int | None = Field(default=None, ge=1)
-    queries_per_class: int = Field(default=2, ge=1)
+    val_classes: int | None = Field(default=None, ge=1, le=10**6)
+    test_classes: int | None = Field(default=None, ge=1, le=10**6)
+    queries_per_class: int = Field(default=2, ge=1, le=10**4)
     classifier_train_fraction: float = Field(default=0.7, gt=0, lt=1)
-    min_images_per_class: int = Field(default=6, ge=2)
+    min_images_per_class: int = Field(default=6, ge=2, le=10**4)
 
 
 class ModelParams(_Section):
     backbone: str = "tf_efficientnet_lite0"
     weights: str = Field(default="imagenet", description="'imagenet' (packaged offline weights) or a weights file path")
     pooling: Literal["mac", "spoc", "gem", "rmac"] = "gem"
-    gem_p: float = Field(default=3.0, gt=0)
-    frozen_stages: int = Field(default=0, ge=0, description="leading backbone stages kept frozen (stage 0 is the stem)")
-    image_size: int = Field(default=224, ge=32, description="longer side of every image at evaluation time")
+    gem_p: float = Field(default=3.0, gt=0, le=100)
+    frozen_stages: int = Field(default=0, ge=0, le=16, description="leading backbone stages kept frozen (stage 0 is the stem)")
+    image_size: int = Field(default=224, ge=32, le=MAX_SIDE, description="longer side of every image at evaluation time")
 
 
 class _TrainParams(_Section):
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0)
+    epochs: int = Field(ge=1, le=10**4)
+    batch_size: int = Field(ge=1, le=4096)
+    lr: float = Field(gt=0, le=10)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    lr_step_epochs: int = Field(default=10, ge=1)
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    lr_step_epochs: int = Field(default=10, ge=1, le=10**4)
     lr_gamma: float = Field(default=0.1, gt=0, le=1)
     train_max_side: tuple[int, int] = Field(description="random resize range of the longer side while training")
     hflip: bool = True
     rotation_degrees: float = Field(default=0.0, ge=0, le=45, description="random rotation range (±degrees)")
     color_jitter: float = Field(default=0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _ordered_range(self):
         lo, hi = self.train_max_side
-        if not 32 <= lo <= hi:
-            raise ValueError(f"train_max_side must be [low, high] with 32 <= low <= high, got {list(self.train_max_side)}")
+        if not 32 <= lo <= hi <= MAX_SIDE:
+            raise ValueError(f"train_max_side must be [low, high] with 32 <= low <= high <= {MAX_SIDE}, got {list(self.train_max_side)}")
         return self
 
 
 class ClassifyParams(_TrainParams):
-    head_lr_multiplier: float = Field(default=10.0, gt=0, description="the new linear head's lr = lr × this")
+    head_lr_multiplier: float = Field(default=10.0, gt=0, le=1000, description="the new linear head's lr = lr × this")
 
 
 class WhiteningParams(_Section):
     enabled: bool = False
-    dim: int | None = Field(default=None, ge=1, description="output dimension (PCA reduction); null keeps all")
+    dim: int | None = Field(default=None, ge=1, le=2**16, description="output dimension (PCA reduction); null keeps all")
 
 
 class RetrievalParams(_TrainParams):
     init: Literal["classifier", "imagenet"] = Field(default="classifier", description="start from the best classifier or ImageNet")
     loss: Literal["contrastive", "triplet", "siamese"] = "contrastive"
-    pos_margin: float = Field(ge=0, description="m+: positive pairs closer than this cost nothing (0 = single margin); "
+    pos_margin: float = Field(ge=0, le=2, description="m+: positive pairs closer than this cost nothing (0 = single margin); "
                                                 "used when tune.search is off")
-    neg_margin: float = Field(gt=0, description="m-: negative pairs farther than this cost nothing; used when tune.search is off")
+    neg_margin: float = Field(gt=0, le=2, description="m-: negative pairs farther than this cost nothing; used when tune.search is off")
     squared_hinge: bool = True
     mining: Literal["random", "hard_negative"] = Field(default="random", description="how pairs are drawn")
-    mining_pool_size: int = Field(default=2000, ge=2, description="random pool the hard negatives are mined from")
-    pos_pairs_per_class: int = Field(default=180, ge=1)
-    neg_pairs_per_class: int = Field(default=180, ge=1)
-    redraw_every: int = Field(default=5, ge=1, description="epochs between two draws of the pairs")
-    triplet_margin: float = Field(default=0.1, gt=0)
-    classes_per_batch: int = Field(default=8, ge=2, description="P of the P×K triplet batches")
-    images_per_class: int = Field(default=4, ge=2, description="K of the P×K triplet batches")
+    mining_pool_size: int = Field(default=2000, ge=2, le=10**7, description="random pool the hard negatives are mined from")
+    pos_pairs_per_class: int = Field(default=180, ge=1, le=10**5)
+    neg_pairs_per_class: int = Field(default=180, ge=1, le=10**5)
+    redraw_every: int = Field(default=5, ge=1, le=10**4, description="epochs between two draws of the pairs")
+    triplet_margin: float = Field(default=0.1, gt=0, le=2)
+    classes_per_batch: int = Field(default=8, ge=2, le=10**4, description="P of the P×K triplet batches")
+    images_per_class: int = Field(default=4, ge=2, le=10**4, description="K of the P×K triplet batches")
     whitening: WhiteningParams = WhiteningParams()
 
     @model_validator(mode="after")
@@ -120,8 +129,8 @@ MIN_MARGIN_GAP = 0.05  # a random/optuna search draws m− at least this far abo
 
 class AshaParams(_Section):
     enabled: bool = True
-    grace_period: int = Field(default=1, ge=1, description="epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(default=2.0, gt=1, description="1/reduction_factor of the trials go on at each rung")
+    grace_period: int = Field(default=1, ge=1, le=10**4, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(default=2.0, gt=1, le=100, description="1/reduction_factor of the trials go on at each rung")
 
 
 class TuneParams(_Section):
@@ -131,13 +140,13 @@ class TuneParams(_Section):
     neg_margins: list[float] = Field(default=[1.0, 1.2], min_length=1, description="grid values of m−")
     pos_range: tuple[float, float] = Field(default=(0.0, 1.0), description="random/optuna range of m+")
     neg_range: tuple[float, float] = Field(default=(0.6, 1.6), description="random/optuna range of m−")
-    num_trials: int = Field(default=8, ge=1, description="random/optuna budget (a grid runs all its m+ < m− pairs)")
-    epochs_per_trial: int = Field(default=2, ge=1)
-    workers_per_trial: int = Field(default=1, ge=1, description="Ray Train workers of one trial")
-    max_concurrent_trials: int = Field(default=2, ge=1)
+    num_trials: int = Field(default=8, ge=1, le=10**4, description="random/optuna budget (a grid runs all its m+ < m− pairs)")
+    epochs_per_trial: int = Field(default=2, ge=1, le=10**4)
+    workers_per_trial: int = Field(default=1, ge=1, le=1024, description="Ray Train workers of one trial")
+    max_concurrent_trials: int = Field(default=2, ge=1, le=1024)
     driver_cpus: float = Field(default=0.25, gt=0, le=1, description="CPU held by each trial's driver function")
     asha: AshaParams = AshaParams()
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -161,29 +170,29 @@ class TuneParams(_Section):
 class RayParams(_Section):
     address: str | None = Field(default=None, description="a Ray cluster to join (RAY_ADDRESS overrides); "
                                                              "null starts a private local Ray")
-    num_workers: int = Field(default=2, ge=1)
-    cpus_per_worker: int = Field(default=1, ge=1)
+    num_workers: int = Field(default=2, ge=1, le=1024)
+    cpus_per_worker: int = Field(default=1, ge=1, le=1024)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     storage_path: str = ".ray_results"
 
 
 class IndexParams(_Section):
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1, le=4096)
     kind: Literal["flat", "hnsw", "ivfpq"] = Field(default="flat", description="exact, or approximate search")
-    hnsw_m: int = Field(default=32, ge=2, description="hnsw: links per node")
-    ef_construction: int = Field(default=40, ge=1, description="hnsw: candidates while building")
-    ef_search: int = Field(default=64, ge=1, description="hnsw: candidates while searching")
-    nlist: int = Field(default=1024, ge=1, description="ivfpq: k-means cells")
-    pq_m: int = Field(default=32, ge=1, description="ivfpq: bytes per code (must divide the descriptor dimension)")
-    nprobe: int = Field(default=16, ge=1, description="ivfpq: cells searched per query")
-    dba_k: int = Field(default=0, ge=0, description="database-side augmentation neighbours; 0 = off")
-    dba_alpha: float = Field(default=3.0, ge=0)
+    hnsw_m: int = Field(default=32, ge=2, le=1024, description="hnsw: links per node")
+    ef_construction: int = Field(default=40, ge=1, le=10**5, description="hnsw: candidates while building")
+    ef_search: int = Field(default=64, ge=1, le=10**5, description="hnsw: candidates while searching")
+    nlist: int = Field(default=1024, ge=1, le=10**7, description="ivfpq: k-means cells")
+    pq_m: int = Field(default=32, ge=1, le=1024, description="ivfpq: bytes per code (must divide the descriptor dimension)")
+    nprobe: int = Field(default=16, ge=1, le=10**7, description="ivfpq: cells searched per query")
+    dba_k: int = Field(default=0, ge=0, le=10**4, description="database-side augmentation neighbours; 0 = off")
+    dba_alpha: float = Field(default=3.0, ge=0, le=100)
 
 
 class EvaluateParams(_Section):
-    cmc_ranks: list[int] = [1, 5, 10]
-    qe_k: int = Field(default=0, ge=0, description="αQE neighbours; 0 = off")
-    qe_alpha: float = Field(default=3.0, ge=0, description="αQE weight exponent; 0 = plain average QE")
+    cmc_ranks: list[Annotated[int, Field(ge=1, le=10**7)]] = Field(default=[1, 5, 10], min_length=1)
+    qe_k: int = Field(default=0, ge=0, le=10**4, description="αQE neighbours; 0 = off")
+    qe_alpha: float = Field(default=3.0, ge=0, le=100, description="αQE weight exponent; 0 = plain average QE")
     registered_model: str = "firesight-retriever"
     champion_alias: str = "champion"
 
@@ -217,17 +226,32 @@ class Params(_Section):
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such params file") from None
-    except yaml.YAMLError as e:
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: cannot read: {e}") from None
+    except DuplicateKeyError as e:
+        raise ParamsError(f"{path}:{e.problem_mark.line + 1}: duplicate key {_duplicate_key(e)!r} "
+                          f"(first given on line {e.context_mark.line + 1}); give each key once") from None
+    except YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}")
-    try:
-        return Params.model_validate(raw)
+    try:  # JSON mode: strict types that still take YAML's lists for tuples; .inf/.nan reach the finite check
+        return Params.model_validate_json(json.dumps(raw, default=str))
     except ValidationError as e:
         raise ParamsError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML 1.2 as DVC does (only true/false are booleans); a key given twice raises `DuplicateKeyError`."""
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def _duplicate_key(e: DuplicateKeyError) -> str:
+    found = re.search(r'duplicate key "(.*?)"', e.problem or "")
+    return found.group(1) if found else "?"
 
 
 def _describe(err: dict) -> str:

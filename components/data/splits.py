@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +58,7 @@ def split_classes(
 
     counts = _class_counts(len(eligible), class_ratio, val_classes, test_classes)
     if min(counts) < 1:
-        enough = next(c for c in itertools.count(3) if min(_class_counts(c, class_ratio, val_classes, test_classes)) >= 1)
+        enough = _classes_needed(class_ratio, val_classes, test_classes)
         raise DataError(
             f"cannot split {len(eligible)} eligible classes into train/val/test = {counts[0]}/{counts[1]}/{counts[2]} "
             f"classes: each needs at least one; these settings need at least {enough} eligible classes "
@@ -111,3 +111,18 @@ def _class_counts(
     n_val = val_classes if val_classes is not None else round(n_classes * ratio[1] / total)
     n_test = test_classes if test_classes is not None else round(n_classes * ratio[2] / total)
     return n_classes - n_val - n_test, n_val, n_test
+
+
+def _classes_needed(ratio: tuple[float, float, float], val_classes: int | None, test_classes: int | None) -> str:
+    """The fewest classes for which `_class_counts` gives every split at least one, as text, found by a bounded
+    scan: the val/test shares round to >= 1 from about total / (2 × share) classes on, and train takes the rest."""
+    total = sum(ratio)
+    shares = [r for r, explicit in zip(ratio[1:], (val_classes, test_classes)) if explicit is None]
+    start = max(3, (val_classes or 0) + (test_classes or 0) + 1, *(math.floor(total / (2 * r)) - 1 for r in shares))
+    for c in range(start, start + _SCAN_LIMIT):
+        if min(_class_counts(c, ratio, val_classes, test_classes)) >= 1:
+            return str(c)
+    return f"more than {start + _SCAN_LIMIT - 1}"
+
+
+_SCAN_LIMIT = 100_000
