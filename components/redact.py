@@ -14,7 +14,8 @@ import re
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                    "FIRESIGHT_API_TOKEN")
 MASK = "***"
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/?#@\s'\"]+)@")
+# userinfo runs to the authority's last "@": a password may hold an unencoded one
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/?#\s'\"]+)@")
 _SECRET_QUERY = re.compile(
     r"(?P<key>[?&;](?:[^=&;#\s'\"]*?)(?:token|secret|passw(?:or)?d|pwd|api[_-]?key|access[_-]?key|signature|"
     r"credential|sig|auth)[^=&;#\s'\"]*=)(?P<value>[^&;#\s'\"]+)", re.IGNORECASE)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import optuna
 import ray.tune as tune
 from pyarrow.fs import FileSelector
@@ -99,11 +100,10 @@ def experiment_name(job: RetrievalJob, search: MarginSearch, cluster: Cluster) -
 
 
 def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJob, search: MarginSearch, *,
-                      cluster: Cluster, name: str, mlflow_parent: tuple[str, str, str] | None = None) -> list[TrialOutcome]:
+                      cluster: Cluster, name: str, mlflow_parent: tuple[str, str] | None = None) -> list[TrialOutcome]:
     """Run (or restore and finish) the search named `name`; return every trial's outcome.
 
-    `cluster` is one trial's Train job (its workers and storage); `mlflow_parent` = (tracking uri, experiment,
-    parent run id) makes each trial an MLflow run nested under that parent.
+    `cluster` is one trial's Train job (its workers and storage); `mlflow_parent`: see `search_callbacks`.
     """
     ensure_ray()
     filesystem, storage = arrow_filesystem(cluster.storage_path)  # a local folder (made absolute) or an s3:// prefix
@@ -124,11 +124,6 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
         tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_unfinished=True,
                                    storage_filesystem=tune_filesystem)
     else:
-        callbacks = []
-        if mlflow_parent is not None:
-            uri, experiment, parent = mlflow_parent
-            callbacks.append(MLflowLoggerCallback(uri, experiment_name=experiment,
-                                                  tags={"mlflow.parentRunId": parent, "firesight.stage": "tune-trial"}))
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -136,7 +131,8 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
                 metric=METRIC, mode="max", num_samples=num_samples, search_alg=searcher,
                 max_concurrent_trials=search.max_concurrent_trials, scheduler=_scheduler(search),
                 trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=tune_filesystem, callbacks=callbacks,
+            run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=tune_filesystem,
+                                      callbacks=search_callbacks(mlflow_parent),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
@@ -152,6 +148,29 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
     if all(o.status == "error" for o in outcomes):
         raise TrainingFailed(f"all {len(outcomes)} margin-search trials failed; first: {outcomes[0].error}")
     return outcomes
+
+
+class _TrialRunLogger(MLflowLoggerCallback):
+    """Ray's MLflow logger that never holds the tracking URI, which may carry credentials, in its state (Tune
+    pickles callbacks into tuner.pkl under the storage path): it takes MLflow's current URI when Tune sets it up in
+    the driver, where `tracking.configure` set it."""
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        self.tracking_uri = mlflow.get_tracking_uri()  # Ray's default, None, would reset MLflow to its local store
+        super().setup(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "tracking_uri": None}
+
+
+def search_callbacks(mlflow_parent: tuple[str, str] | None) -> list[MLflowLoggerCallback]:
+    """Tune's callbacks for a search: with `mlflow_parent` = (experiment, parent run id), each trial is an MLflow
+    run nested under that parent, on MLflow's current tracking server."""
+    if mlflow_parent is None:
+        return []
+    experiment, parent = mlflow_parent
+    return [_TrialRunLogger(experiment_name=experiment,
+                            tags={"mlflow.parentRunId": parent, "firesight.stage": "tune-trial"})]
 
 
 def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome:

@@ -61,7 +61,7 @@ def main(params: Params) -> None:
         start = time.perf_counter()
         try:
             outcomes = run_margin_search(train_retrieval, job, search, cluster=cluster, name=name,
-                                         mlflow_parent=(mlflow.get_tracking_uri(), params.tracking.experiment, run.info.run_id))
+                                         mlflow_parent=(params.tracking.experiment, run.info.run_id))
         finally:  # an interrupted invocation's time counts too
             timing = {"wall_seconds": round(time.perf_counter() - start, 1)}
             timing["search_wall_seconds"] = round(earlier + timing["wall_seconds"], 1)

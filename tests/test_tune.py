@@ -167,7 +167,7 @@ def test_search_reports_a_crashed_trial_nests_mlflow_runs_and_restores_without_r
     experiment_id = mlflow.create_experiment("tune-test", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment_id, run_name="tune") as parent:
         outcomes = run_margin_search(recording_loop, job, search, cluster=cluster, name="search",
-                                     mlflow_parent=(mlflow.get_tracking_uri(), "tune-test", parent.info.run_id))
+                                     mlflow_parent=("tune-test", parent.info.run_id))
 
     by_pos = {o.pos_margin: o for o in outcomes}
     assert sorted(by_pos) == [0.3, FAILING_POS_MARGIN]
