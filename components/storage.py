@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from components.errors import DataError, FiresightError
+from components.redact import redact
 
 S3_CONNECT_TIMEOUT = 5.0  # seconds to open a connection
 S3_READ_TIMEOUT = 30.0  # seconds without a byte from the endpoint
@@ -86,8 +87,8 @@ def _endpoint_url() -> str:
 
 
 def s3_endpoint() -> str:
-    """The S3 endpoint requests go to, for messages."""
-    return _endpoint_url() or "the AWS default S3 endpoint"
+    """The S3 endpoint requests go to, for messages (credentials in its URL redacted)."""
+    return redact(_endpoint_url()) or "the AWS default S3 endpoint"
 
 
 _S3_BY_PID: dict[int, Any] = {}
@@ -143,6 +144,9 @@ def s3_errors(operation: str, uri: str) -> Iterator[None]:
 def _explain(e: BaseException) -> str:
     import botocore.exceptions as bx
 
+    if urlsplit(_endpoint_url()).username is not None:  # every request fails, whatever the error says
+        return ("the endpoint URL carries credentials (user:password@), which S3 does not use: set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
     chain: list[BaseException] = []
     while e is not None and e not in chain:
         chain.append(e)
@@ -166,7 +170,7 @@ def _explain(e: BaseException) -> str:
                     f"{S3_READ_TIMEOUT:g} s to read each)")
         if isinstance(err, bx.ConnectionError | ConnectionError):
             return f"endpoint unreachable (connection refused or reset) after {S3_ATTEMPTS} attempts"
-    return f"{type(chain[0]).__name__}: {chain[0]}"
+    return redact(f"{type(chain[0]).__name__}: {chain[0]}")
 
 
 @contextmanager
@@ -194,12 +198,26 @@ def read_bytes(uri: str | Path) -> bytes:
         raise DataError(f"cannot read {uri}: {e.strerror or e}") from None
 
 
-def list_files(uri: str) -> list[str]:
-    """Every object under an s3:// prefix (recursively), as sorted s3:// URIs."""
+def list_objects(uri: str) -> list[tuple[str, int, str]]:
+    """Every object under an s3:// prefix (recursively), sorted: (s3:// URI, size, "etag:<ETag>")."""
     prefix = uri.rstrip("/")
     with s3_errors("list", prefix):
-        keys = s3_filesystem().find(prefix)
-    return sorted(f"s3://{k}" for k in keys)
+        found = s3_filesystem().find(prefix, detail=True)
+    return sorted((f"s3://{key}", int(info["size"]), _etag(info)) for key, info in found.items())
+
+
+def object_fingerprint(uri: str) -> tuple[int, str]:
+    """(size, "etag:<ETag>") of one s3:// object; (0, "missing") if there is none."""
+    with s3_errors("stat", uri):
+        try:
+            info = s3_filesystem().info(uri)
+        except FileNotFoundError:
+            return 0, "missing"
+    return int(info["size"]), _etag(info)
+
+
+def _etag(info: dict[str, Any]) -> str:
+    return "etag:" + str(info.get("ETag") or info.get("etag") or "").strip('"')
 
 
 def remove_tree(uri: str) -> None:

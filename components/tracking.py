@@ -19,6 +19,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from components.errors import FiresightError
+from components.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ def configure(uri: str, experiment: str) -> None:
 @contextmanager
 def tracking_errors(operation: str) -> Iterator[None]:
     """Turn MLflow's failures (server down, timeouts, rejected requests) into one `TrackingError` line naming the
-    tracking URI and `operation`."""
+    tracking URI (credentials redacted) and `operation`."""
     try:
         yield
     except (MlflowException, requests.exceptions.RequestException) as e:
-        raise TrackingError(f"MLflow at {mlflow.get_tracking_uri()}: cannot {operation}: {_explain(e)}") from None
+        raise TrackingError(redact(f"MLflow at {mlflow.get_tracking_uri()}: cannot {operation}: {_explain(e)}")) from None
 
 
 def _explain(e: Exception) -> str:

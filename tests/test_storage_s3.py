@@ -66,7 +66,7 @@ def test_ingest_reads_a_bucket_of_class_folders(s3, tmp_path, fresh_s3_client):
         s3.upload_file(path, "raw", f"photos/{label}/{Path(path).name}")
     s3.put_object(Bucket="raw", Key="photos/stray.jpg", Body=Path(rows[0][0]).read_bytes())
 
-    listed = list_class_folder("s3://raw/photos")
+    listed = list_class_folder("s3://raw/photos").files
     result = ingest(listed, source="s3://raw/photos", exclude_classes=[], max_images_per_class=None, min_side=16,
                     workers=2, seed=0, progress=False)
 
@@ -185,7 +185,8 @@ def test_bad_credentials_are_a_clear_error_that_never_prints_the_secret(tmp_path
     key_id, secret = s3_with_auth
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    assert storage.list_files("s3://raw/photos") == ["s3://raw/photos/cat/1.jpg"], "the right key is accepted"
+    assert [uri for uri, _, _ in storage.list_objects("s3://raw/photos")] == ["s3://raw/photos/cat/1.jpg"], \
+        "the right key is accepted"
 
     done = _stage(_params(tmp_path, "s3://raw/photos"), "pipelines.ingest",
                   {"AWS_ENDPOINT_URL": s3_server, **S3_TEST_CREDENTIALS, "AWS_ACCESS_KEY_ID": key_id,
@@ -195,3 +196,24 @@ def test_bad_credentials_are_a_clear_error_that_never_prints_the_secret(tmp_path
                                    "authentication failed (SignatureDoesNotMatch): the endpoint rejected the "
                                    "credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
     assert SECRET not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("port", ["closed", "not-a-port"])
+def test_credentials_in_the_endpoint_url_never_reach_the_message(port, monkeypatch, fresh_s3_client):
+    address = f"127.0.0.1:{free_port() if port == 'closed' else port}"
+    for key, value in {"AWS_ENDPOINT_URL": f"http://minio:{SECRET}@{address}", **S3_TEST_CREDENTIALS}.items():
+        monkeypatch.setenv(key, value)
+    assert storage.s3_endpoint() == f"http://***@{address}"
+    with pytest.raises(StorageError) as err:
+        read_bytes("s3://data/cat/1.jpg")
+    assert str(err.value) == (f"cannot read s3://data/cat/1.jpg at http://***@{address}: the endpoint URL carries "
+                              "credentials (user:password@), which S3 does not use: set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY instead")
+
+
+def test_an_unclassified_failure_naming_the_endpoint_is_redacted(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    with pytest.raises(StorageError) as err, storage.s3_errors("list", "s3://raw"):
+        raise RuntimeError(f"proxy http://proxy-user:{SECRET}@10.0.0.1:3128 refused the tunnel")
+    assert str(err.value) == ("cannot list s3://raw at http://127.0.0.1:9000: RuntimeError: proxy "
+                              "http://***@10.0.0.1:3128 refused the tunnel")

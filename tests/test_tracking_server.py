@@ -6,10 +6,13 @@ import sys
 import time
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from components import tracking
 from components.tracking import TrackingError
 from tests.conftest import REPO, free_port, mlflow_server
+
+SECRET = "pw-Lk4Rm8"
 
 STAGE = """
 import os, signal
@@ -34,6 +37,19 @@ def test_tracking_server_down_at_start_fails_fast(monkeypatch):
         tracking.configure("sqlite:///unused.db", "firesight")
     assert str(err.value).startswith(f"MLflow at {url}: cannot open experiment firesight: server unreachable")
     assert time.monotonic() - start < 60
+
+def test_credentials_in_the_tracking_uri_never_reach_the_message(monkeypatch):
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@{address}")
+    with pytest.raises(TrackingError) as err:
+        tracking.configure("sqlite:///unused.db", "firesight")
+    assert str(err.value).startswith(f"MLflow at http://***@{address}: cannot open experiment firesight: server "
+                                     "unreachable"), str(err.value)
+    with pytest.raises(TrackingError) as err, tracking.tracking_errors("log metrics"):  # an unclassified failure
+        raise MlflowException(f"API request to http://alice:{SECRET}@{address}/api/2.0 failed with exception SSLError")
+    assert str(err.value) == (f"MLflow at http://***@{address}: cannot log metrics: API request to "
+                              f"http://***@{address}/api/2.0 failed with exception SSLError")
+
 
 @pytest.mark.slow
 def test_tracking_server_lost_mid_stage_is_one_line(tmp_path):
