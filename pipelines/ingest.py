@@ -30,6 +30,8 @@ def run(params: Params) -> None:
         min_side=p.min_side,
         workers=p.workers,
         seed=p.seed,
+        max_file_bytes=p.max_file_bytes,
+        max_pixels=p.max_pixels,
     )
     write_parquet(MANIFEST, result.manifest)
     write_json(REPORT, result.report)

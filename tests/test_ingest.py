@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.data.images import BadImage, inspect_image, load_rgb
+from components.data.images import MAX_FILE_BYTES, MAX_PIXELS, BadImage, load_rgb, probe_image
 from components.data.ingest import MANIFEST_COLUMNS, ingest
 from components.data.listing import SourceFile, list_class_folder, read_listing_csv
 from components.errors import DataError
@@ -222,7 +222,7 @@ def test_decompression_bomb_is_quarantined(tmp_path: Path, monkeypatch) -> None:
     make_image(tmp_path / "raw" / "cat" / "ok.jpg", 2, size=(16, 16))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(BadImage, match="too large"):
-        inspect_image(path, 1)
+        probe_image(path, min_side=1, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS)
     _, report = run_ingest(list_class_folder(tmp_path / "raw"), min_side=1)
     assert [q["reason"].split(" (")[0] for q in report["quarantine"]] == ["too large"]
 
@@ -240,7 +240,7 @@ def test_decompression_bomb_is_quarantined(tmp_path: Path, monkeypatch) -> None:
 def test_load_rgb_converts_any_mode(tmp_path: Path, image: Image.Image, fmt: str, expected: tuple) -> None:
     path = tmp_path / "img"
     image.save(path, format=fmt)
-    assert inspect_image(path, 32).format == fmt
+    assert probe_image(path, min_side=32, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS)[1].format == fmt
     rgb = load_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == (40, 40)
     assert all(abs(a - b) <= 2 for a, b in zip(rgb.getpixel((5, 5)), expected))

@@ -11,7 +11,7 @@ import hashlib
 import multiprocessing
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
-from components.data.images import BadImage, ImageInfo, inspect_bytes, read_image_file
+from components.data.images import MAX_FILE_BYTES, MAX_PIXELS, BadImage, ImageInfo, probe_image
 from components.data.listing import SourceFile
 from components.errors import DataError
 
@@ -50,13 +50,16 @@ def ingest(
     min_side: int,
     workers: int,
     seed: int,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_pixels: int = MAX_PIXELS,
     progress: bool = True,
 ) -> IngestResult:
     """Decode every file (in `workers` processes), build the manifest and a report accounting for every file.
 
     `source` names the input in the report and errors. Within a class, exact duplicates (same SHA-256) keep the
     first path in sorted order; the same bytes under two or more classes is a leak and all copies are left out.
-    Classes over `max_images_per_class` keep a random subset seeded by `seed` and the label.
+    Classes over `max_images_per_class` keep a random subset seeded by `seed` and the label. Files over
+    `max_file_bytes` are quarantined unread, images over `max_pixels` before their pixels are decoded.
     Raises `DataError` if no image is kept.
     """
     entries = sorted(sources, key=lambda s: (s.path, s.label or ""))
@@ -72,8 +75,9 @@ def ingest(
         else:
             to_decode.append(s)
 
+    probe_file = functools.partial(_probe, min_side=min_side, max_bytes=max_file_bytes, max_pixels=max_pixels)
     by_sha: dict[str, list[tuple[SourceFile, _Probe]]] = {}
-    for s, probe in zip(to_decode, _probe_all([s.path for s in to_decode], min_side, workers, progress)):
+    for s, probe in zip(to_decode, _probe_all([s.path for s in to_decode], probe_file, workers, progress)):
         if probe.reason is not None:
             quarantine.append({"file": s.path, "reason": probe.reason})
         else:
@@ -131,11 +135,11 @@ def ingest(
     return IngestResult(manifest=manifest, report=report)
 
 
-def _probe(path: str, min_side: int) -> _Probe:
+def _probe(path: str, min_side: int, max_bytes: int, max_pixels: int) -> _Probe:
     """Validate one file (read once); never raises for bad input (the reason is returned instead)."""
     try:
-        data = read_image_file(path)
-        return _Probe(hashlib.sha256(data).hexdigest(), inspect_bytes(data, min_side), len(data), None)
+        data, info = probe_image(path, min_side=min_side, max_bytes=max_bytes, max_pixels=max_pixels)
+        return _Probe(hashlib.sha256(data).hexdigest(), info, len(data), None)
     except BadImage as e:
         return _Probe(None, None, 0, e.reason)
     except OSError as e:
@@ -148,9 +152,9 @@ def _use_environment(env: dict[str, str]) -> None:
     os.environ.update(env)
 
 
-def _probe_all(paths: list[str], min_side: int, workers: int, progress: bool) -> list[_Probe]:
-    """Probe `paths` in order, in a pool of `workers` processes (in-process when 1), with a progress bar."""
-    probe = functools.partial(_probe, min_side=min_side)
+def _probe_all(paths: list[str], probe: Callable[[str], _Probe], workers: int, progress: bool) -> list[_Probe]:
+    """`probe` (picklable) each of `paths`, in order, in a pool of `workers` processes (in-process when 1), with a
+    progress bar."""
     results: list[_Probe] = []
     with ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=len(paths), desc="decode", unit="file", disable=not progress))
