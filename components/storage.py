@@ -77,6 +77,17 @@ def read_parquet(path: Path | str) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
 
 
+def read_json(path: Path | str) -> Any:
+    """Read a local JSON file; a missing or malformed file is a `DataError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable JSON file: {e}") from None
+
+
 def is_remote(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
 

@@ -181,3 +181,13 @@ def dvc(repo: Path, *args: str, env: dict[str, str] | None = None, timeout: floa
                           timeout=timeout)
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stdout + done.stderr
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> Path:
+    """Write a noise image (distinct content per seed)."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path

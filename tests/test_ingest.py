@@ -103,7 +103,7 @@ def raw(tmp_path: Path) -> Path:
 
 def test_list_class_folder_keeps_relative_paths_sorted_and_hidden(raw: Path, monkeypatch) -> None:
     monkeypatch.chdir(raw.parent)
-    files = list_class_folder(Path("raw"))
+    files = list_class_folder(Path("raw")).files
     paths = [s.path for s in files]
     assert paths == sorted(paths) and all(p.startswith("raw/") for p in paths)
     assert SourceFile("raw/cat/.DS_Store", "cat") in files
@@ -113,7 +113,7 @@ def test_list_class_folder_keeps_relative_paths_sorted_and_hidden(raw: Path, mon
 
 
 def test_ingest_manifest_and_report(raw: Path) -> None:
-    files = list_class_folder(raw)
+    files = list_class_folder(raw).files
     manifest, report = run_ingest(files)
 
     assert list(manifest.columns) == MANIFEST_COLUMNS
@@ -140,7 +140,7 @@ def test_ingest_manifest_and_report(raw: Path) -> None:
 
 
 def test_every_file_is_accounted_for_exactly_once(raw: Path) -> None:
-    files = list_class_folder(raw)
+    files = list_class_folder(raw).files
     for cap in (None, 2):
         manifest, report = run_ingest(files, max_images_per_class=cap)
         accounted = accounted_files(manifest, report, files, {"bird"})
@@ -149,7 +149,7 @@ def test_every_file_is_accounted_for_exactly_once(raw: Path) -> None:
 
 
 def test_parallel_decode_matches_in_process(raw: Path) -> None:
-    files = list_class_folder(raw)
+    files = list_class_folder(raw).files
     serial = run_ingest(files)
     parallel = run_ingest(files, workers=2)
     pd.testing.assert_frame_equal(serial[0], parallel[0])
@@ -160,7 +160,7 @@ def test_cap_is_a_seeded_deterministic_subset(tmp_path: Path) -> None:
     for i in range(10):
         make_image(tmp_path / "raw" / "many" / f"{i:02d}.jpg", 100 + i, size=(32, 32))
     make_image(tmp_path / "raw" / "few" / "x.jpg", 200, size=(32, 32))
-    files = list_class_folder(tmp_path / "raw")
+    files = list_class_folder(tmp_path / "raw").files
 
     first, report = run_ingest(files, max_images_per_class=4)
     again, _ = run_ingest(list(reversed(files)), max_images_per_class=4)
@@ -185,7 +185,7 @@ def test_csv_listing_resolves_relative_paths_and_reports_missing_files(raw: Path
         "\n"
         "raw/dog/gone.jpg,dog\n"
     )
-    files = read_listing_csv(listing)
+    files = read_listing_csv(listing).files
     assert files[0] == SourceFile(str(raw / "cat" / "a.jpg"), "cat")
     assert files[1] == SourceFile(str(raw / "dog" / "d0.jpg"), "dog")
 
@@ -214,7 +214,7 @@ def test_nothing_usable_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "raw" / "cat").mkdir(parents=True)
     (tmp_path / "raw" / "cat" / "x.jpg").write_text("text")
     with pytest.raises(DataError, match=r"no usable images in raw: 1 files seen, 1 quarantined.*not an image"):
-        run_ingest(list_class_folder(tmp_path / "raw"))
+        run_ingest(list_class_folder(tmp_path / "raw").files)
 
 
 def test_decompression_bomb_is_quarantined(tmp_path: Path, monkeypatch) -> None:
@@ -223,7 +223,7 @@ def test_decompression_bomb_is_quarantined(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(BadImage, match="too large"):
         probe_image(path, min_side=1, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS)
-    _, report = run_ingest(list_class_folder(tmp_path / "raw"), min_side=1)
+    _, report = run_ingest(list_class_folder(tmp_path / "raw").files, min_side=1)
     assert [q["reason"].split(" (")[0] for q in report["quarantine"]] == ["too large"]
 
 
