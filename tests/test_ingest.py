@@ -290,7 +290,7 @@ def run_module(module: str, cwd: Path) -> subprocess.CompletedProcess:
 )
 def test_ingest_stage_bad_params_exit_2_without_traceback(tmp_path: Path, ingest_section: str, message: str) -> None:
     (tmp_path / "params.yaml").write_text(ingest_section + "\n" + MINIMAL_TRAINING)
-    proc = run_module("pipelines.ingest", tmp_path)
+    proc = run_module("pipelines.scan", tmp_path)  # the first stage: it lists the source
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()

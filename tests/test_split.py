@@ -151,8 +151,9 @@ def test_ingest_and_split_stages_end_to_end(tmp_path: Path) -> None:
     (tmp_path / "raw" / "class0" / "broken.jpg").write_text("nope")
     (tmp_path / "params.yaml").write_text(PARAMS)
 
-    ingest_run = run_module("pipelines.ingest", tmp_path)
-    assert ingest_run.returncode == 0, ingest_run.stderr
+    for stage in ("scan", "ingest"):
+        ingest_run = run_module(f"pipelines.{stage}", tmp_path)
+        assert ingest_run.returncode == 0, ingest_run.stderr
     assert "kept 48 images in 8 classes from raw; quarantined 1" in ingest_run.stderr
     manifest = pd.read_parquet(tmp_path / "data" / "manifest.parquet")
     report = json.loads((tmp_path / "data" / "ingest_report.json").read_text())
@@ -168,7 +169,8 @@ def test_ingest_and_split_stages_end_to_end(tmp_path: Path) -> None:
     assert split_report["seed"] == 3
     assert sorted(splits["id"]) == sorted(manifest["id"])
     assert sorted(os.listdir(tmp_path / "data")) == [
-        "ingest_report.json", "manifest.parquet", "split_report.json", "splits.parquet"
+        "ingest_report.json", "listing.parquet", "listing_report.json", "manifest.parquet", "split_report.json",
+        "splits.parquet"
     ]
 
 

@@ -150,12 +150,12 @@ def _params(tmp_path: Path, source: str) -> Path:
     return tmp_path
 
 
-def test_ingest_stage_with_the_endpoint_down_exits_with_one_line(tmp_path):
+def test_scan_stage_with_the_endpoint_down_exits_with_one_line(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    done = _stage(_params(tmp_path, "s3://raw/photos"), "pipelines.ingest",
+    done = _stage(_params(tmp_path, "s3://raw/photos"), "pipelines.scan",
                   {"AWS_ENDPOINT_URL": url, **S3_TEST_CREDENTIALS, "AWS_SECRET_ACCESS_KEY": SECRET})
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == (f"firesight ingest: error: cannot list s3://raw/photos at {url}: "
+    assert done.stderr.strip() == (f"firesight scan: error: cannot list s3://raw/photos at {url}: "
                                    "endpoint unreachable (connection refused or reset) after 3 attempts")
     assert SECRET not in done.stdout + done.stderr
 
@@ -188,11 +188,11 @@ def test_bad_credentials_are_a_clear_error_that_never_prints_the_secret(tmp_path
     assert [uri for uri, _, _ in storage.list_objects("s3://raw/photos")] == ["s3://raw/photos/cat/1.jpg"], \
         "the right key is accepted"
 
-    done = _stage(_params(tmp_path, "s3://raw/photos"), "pipelines.ingest",
+    done = _stage(_params(tmp_path, "s3://raw/photos"), "pipelines.scan",
                   {"AWS_ENDPOINT_URL": s3_server, **S3_TEST_CREDENTIALS, "AWS_ACCESS_KEY_ID": key_id,
                    "AWS_SECRET_ACCESS_KEY": SECRET})
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == (f"firesight ingest: error: cannot list s3://raw/photos at {s3_server}: "
+    assert done.stderr.strip() == (f"firesight scan: error: cannot list s3://raw/photos at {s3_server}: "
                                    "authentication failed (SignatureDoesNotMatch): the endpoint rejected the "
                                    "credentials (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
     assert SECRET not in done.stdout + done.stderr
