@@ -73,12 +73,13 @@ def test_a_stage_prints_and_logs_no_credential(tmp_path):
     done = subprocess.run([sys.executable, "-c", STAGE], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2, done.stderr
-    assert "using http://***@h:1" in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "firesight ingest: error: cannot reach http://***@h:1"
-    assert SECRET not in done.stdout + done.stderr
+    printed = done.stdout + done.stderr + "".join(f.read_text() for f in tmp_path.glob("logs/*.log"))
+    assert "using http://***@h:1" in printed
+    assert done.stderr.strip().splitlines()[-1].startswith("firesight ingest: error: cannot reach http://***@h:1")
+    assert SECRET not in printed
 
 
-def test_tune_saved_state_holds_no_tracking_credential(tmp_path):
+def test_tune_saved_state_holds_no_tracking_credential(tmp_path, monkeypatch):
     """Tune pickles its RunConfig, callbacks included, into tuner.pkl under the storage path; restored, the MLflow
     callback logs nested trial runs to the driver's current tracking server."""
     import mlflow
@@ -88,6 +89,7 @@ def test_tune_saved_state_holds_no_tracking_credential(tmp_path):
     from components.tuning import search_callbacks
 
     before = mlflow.get_tracking_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow sets it; restored after the test
     try:
         mlflow.set_tracking_uri(f"http://alice:{SECRET}@127.0.0.1:1")
         state = cloudpickle.dumps(tune.RunConfig(name="search", callbacks=search_callbacks(("tune-test", "parent-1"))))
