@@ -71,6 +71,9 @@ def _explain(e: Exception) -> str:
                 "unset MLFLOW_TRACKING_URI to use the embedded sqlite store")
     if "timed out" in text.lower():
         return f"no answer within {os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s"
+    if "error code 401 " in text:
+        return ("authentication failed (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a "
+                "user of this server")
     return text[:300]
 
 

@@ -3,7 +3,9 @@
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from mlflow.exceptions import MlflowException
@@ -49,6 +51,33 @@ def test_credentials_in_the_tracking_uri_never_reach_the_message(monkeypatch):
         raise MlflowException(f"API request to http://alice:{SECRET}@{address}/api/2.0 failed with exception SSLError")
     assert str(err.value) == (f"MLflow at http://***@{address}: cannot log metrics: API request to "
                               f"http://***@{address}/api/2.0 failed with exception SSLError")
+
+
+class _Unauthorized(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"You are not authenticated."
+        self.send_response(401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_rejected_tracking_credentials_are_one_line_naming_the_variables(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    try:
+        with pytest.raises(TrackingError) as err:
+            tracking.configure("sqlite:///unused.db", "firesight")
+    finally:
+        server.shutdown()
+    assert str(err.value) == (f"MLflow at {url}: cannot open experiment firesight: authentication failed (HTTP "
+                              "401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of this server")
 
 
 @pytest.mark.slow
