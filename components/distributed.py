@@ -26,6 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 import components
 from components.errors import FiresightError
+from components.redact import redact
 from components.storage import arrow_filesystem, remove_tree
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE, read_train_state
 
@@ -49,6 +50,7 @@ class Cluster:
     storage_path: str = ".ray_results"  # a folder or an s3:// prefix (checkpoints while a job runs)
     max_failures: int = 1
     reserved_cpus_per_worker: float | None = None  # Ray's CPU reservation; None: cpus_per_worker (the torch threads)
+    address: str | None = None  # a Ray cluster to join (RAY_ADDRESS overrides); None: a private local Ray
 
 
 class RayWorkerContext:
@@ -88,18 +90,21 @@ def gpu_available(choice: str) -> bool:
     return choice == "yes"
 
 
-def ensure_ray() -> None:
-    """Join RAY_ADDRESS when set (workers import this checkout's code when they see the same path, e.g. a shared
-    volume), else start a local Ray whose every server (GCS, raylet, workers, agents and the dashboard Ray Train's
-    state API needs) listens on 127.0.0.1 only."""
+def ensure_ray(address: str | None = None) -> None:
+    """Join the cluster at RAY_ADDRESS, else at `address`, when one is set (workers import this checkout's code when
+    they see the same path, e.g. a shared volume); else start a private local Ray — never one a `ray start` left on
+    this machine — whose every server (GCS, raylet, workers, agents and the dashboard Ray Train's state API needs)
+    listens on 127.0.0.1 only. One log line says which."""
     if ray.is_initialized():
         return
     # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs; on a
     # busy small machine a worker can take minutes to start, past Ray Train's 60 s default
     code = {"env_vars": {"PYTHONPATH": str(Path(components.__file__).resolve().parent.parent),
                          WORKER_START_TIMEOUT: os.environ.get(WORKER_START_TIMEOUT, "600")}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=code)
+    cluster = os.environ.get("RAY_ADDRESS") or address
+    if cluster:
+        ray.init(address=cluster, log_to_driver=True, runtime_env=code)
+        log.info("Ray: joined the cluster at %s", redact(cluster))
         return
     node_ip = ray.util.get_node_ip_address()  # before init: the IP a local node would take
     if not ipaddress.ip_address(node_ip).is_loopback:
@@ -107,14 +112,16 @@ def ensure_ray() -> None:
                            "components package (import it first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         try:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=code)
-            return
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                     runtime_env=code)
+            break
         except Exception as e:  # Ray gives its raylet and dashboard fixed start-up times a busy machine can miss
             ray.shutdown()
             if attempt == LOCAL_START_ATTEMPTS:
                 raise
             log.warning("local Ray did not start (attempt %d of %d: %s); starting it again", attempt,
                         LOCAL_START_ATTEMPTS, root_cause(e)[:200])
+    log.info("Ray: private local Ray on 127.0.0.1 (%g CPUs)", ray.cluster_resources().get("CPU", 0))
 
 
 def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, cluster: Cluster,
@@ -158,7 +165,7 @@ def fit(trainer: TorchTrainer, run_name: str) -> ray.train.Result:
 def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, cluster: Cluster, output_dir: Path) -> Path:
     """Run `loop(job, ctx)` on `cluster.num_workers` Ray Train workers; copy the best model and the metric
     history of the final checkpoint into `output_dir` (replacing it whole) and return it."""
-    ensure_ray()
+    ensure_ray(cluster.address)
     run_name = f"{name}-{uuid.uuid4().hex[:8]}"  # a reused name would resume an old run
     log.info("Ray Train job %s: %d worker(s), %s", run_name, cluster.num_workers, "nccl/GPU" if cluster.use_gpu else "gloo/CPU")
     result = fit(torch_trainer(loop, job, run_name=run_name, cluster=cluster), run_name)

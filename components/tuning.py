@@ -105,7 +105,7 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
 
     `cluster` is one trial's Train job (its workers and storage); `mlflow_parent`: see `search_callbacks`.
     """
-    ensure_ray()
+    ensure_ray(cluster.address)
     filesystem, storage = arrow_filesystem(cluster.storage_path)  # a local folder (made absolute) or an s3:// prefix
     tune_filesystem = filesystem if is_remote(cluster.storage_path) else None  # Tune's own default for a folder
     # a trial holds exactly num_workers × cpus_per_worker CPUs: its driver's share comes out of its workers' reservation

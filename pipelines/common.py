@@ -88,7 +88,7 @@ def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
 
 
 def cluster(r: RayParams) -> Cluster:
-    return Cluster(r.num_workers, r.cpus_per_worker, gpu_available(r.use_gpu), r.storage_path)
+    return Cluster(r.num_workers, r.cpus_per_worker, gpu_available(r.use_gpu), r.storage_path, address=r.address)
 
 
 def git_commit() -> str:
