@@ -3,6 +3,7 @@ rest of the file are read), a decoder that crashes its worker process, and Ctrl+
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -13,13 +14,17 @@ import time
 import tracemalloc
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
+import psutil
 import pytest
 from PIL import Image
 
-from components.data.images import load_rgb
-from components.data.ingest import ingest
+from components import storage
+from components.data import images
+from components.data.images import MAX_FILE_BYTES, MAX_PIXELS, BadImage, load_rgb, probe_image
+from components.data.ingest import _Probe, _probe, _probe_all, ingest
 from components.data.listing import SourceFile
 from components.errors import DataError
 
@@ -126,3 +131,132 @@ def test_the_header_is_checked_before_the_rest_of_the_file_is_read(tmp_path: Pat
         tracemalloc.stop()
     assert quarantine_reasons(report, raw)["cat/huge.png"].startswith("too many pixels: 10000x10000")
     assert peak < 4 * MiB
+
+
+def crash_on_poison(path: str) -> _Probe:
+    """The probe of the crash test, run in the worker processes: a file named poison* kills its worker outright
+    (SIGKILL, as a segfaulting decoder or the OOM killer would); any other file is probed as ingest does."""
+    if Path(path).name.startswith("poison"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _probe(path, min_side=16, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS)
+
+
+def test_a_crashed_decode_worker_quarantines_only_its_file(tmp_path: Path) -> None:
+    """Ingest hands `_probe_all` its probe function; here it is `crash_on_poison`, which the forkserver's worker
+    processes import from this module (no monkeypatching reaches them, no test hook in the product)."""
+    paths = [str(ok_image(tmp_path / f"{'poison' if i in (3, 4) else 'ok'}{i:02d}.png")) for i in range(24)]
+    results = _probe_all(paths, crash_on_poison, workers=2, progress=False)
+    crashed = _Probe(None, None, 0, "decoder crashed the worker process (exit code -9, SIGKILL)")
+    assert results == [crashed if "poison" in p else crash_on_poison(p) for p in paths]
+
+
+
+INGEST_SCRIPT = """
+import sys
+from pathlib import Path
+
+from components.data.ingest import ingest
+from components.data.listing import SourceFile
+from components.storage import write_parquet
+
+files = [SourceFile(str(p), p.parent.name) for p in sorted(Path("raw").glob("*/*"))]
+try:
+    result = ingest(files, source="raw", exclude_classes=[], max_images_per_class=None, min_side=16, workers=2,
+                    seed=0)
+    write_parquet("data/manifest.parquet", result.manifest)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+N_FILES = 1500
+
+
+@pytest.fixture()
+def ingesting(tmp_path: Path):
+    """A process ingesting `N_FILES` tiny JPEGs with 2 decode workers (in a session of its own, like a terminal's
+    foreground job); yields (process, its stderr file) once it has decoded 20 files; kills what is left after."""
+    data = io.BytesIO()
+    Image.effect_noise((64, 48), 64).convert("RGB").save(data, format="JPEG")
+    (tmp_path / "raw" / "c").mkdir(parents=True)
+    for i in range(N_FILES):
+        (tmp_path / "raw" / "c" / f"{i:04d}.jpg").write_bytes(data.getvalue())
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", INGEST_SCRIPT], cwd=tmp_path, stderr=err,
+                                env=os.environ | {"PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not re.search(rf"decode: .*\| *([2-9]\d|\d{{3,}})/{N_FILES}", stderr.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.01)
+        yield proc, stderr
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_decode_workers_ignore_ctrl_c(ingesting, tmp_path: Path) -> None:
+    """SIGINT to the worker processes alone: they must leave it to the ingesting process, which finishes."""
+    proc, stderr = ingesting
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        os.kill(child.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, stderr.read_text()
+    assert "Traceback" not in stderr.read_text()
+    assert len(pd.read_parquet(tmp_path / "data" / "manifest.parquet")) == 1  # N_FILES copies of one image
+
+
+def test_ctrl_c_during_ingest_stops_promptly_without_tracebacks(ingesting, tmp_path: Path) -> None:
+    """Ctrl+C in a terminal signals the whole foreground process group: the ingesting process, the forkserver
+    and the decode workers. Only the ingesting process reacts: it stops within seconds and writes nothing."""
+    proc, stderr = ingesting
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    proc.wait(timeout=60)
+    stopped_in = time.monotonic() - interrupted
+    text = stderr.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text
+    assert stopped_in < 5, f"{stopped_in:.1f} s after Ctrl+C"
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_file_that_grows_after_its_size_was_taken_is_read_no_further_than_the_cap(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """The size says 100 bytes (taken before the file grew to 64 MiB): at most cap + 1 bytes are read."""
+    path = tmp_path / "growing.png"
+    with open(path, "wb") as f:
+        f.write(png_header(40, 30))
+        f.truncate(64 * MiB)
+    monkeypatch.setattr(images, "os", SimpleNamespace(stat=lambda p: os.stat_result((*os.stat(p)[:6], 100,
+                                                                                     *os.stat(p)[7:]))))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImage, match=r"^file too large: more than ingest.max_file_bytes 1.0 MiB \(it grew"):
+            probe_image(path, min_side=1, max_bytes=MiB, max_pixels=MAX_PIXELS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB
+
+
+def test_s3_objects_over_the_byte_cap_are_quarantined_unread(s3_env, tmp_path: Path) -> None:
+    import boto3
+
+    storage._S3_BY_PID.clear()  # an s3fs filesystem for this test's endpoint
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="raw")
+    s3.put_object(Bucket="raw", Key="cat/ok.png", Body=ok_image(tmp_path / "ok.png").read_bytes())
+    s3.put_object(Bucket="raw", Key="cat/big.png", Body=png_header(100, 100) + bytes(2 * MiB))
+    files = [SourceFile("s3://raw/cat/big.png", "cat"), SourceFile("s3://raw/cat/ok.png", "cat")]
+    try:
+        result = ingest(files, source="s3://raw", exclude_classes=[], max_images_per_class=None, min_side=16,
+                        workers=1, seed=0, progress=False, max_file_bytes=MiB)
+    finally:
+        for key in ("cat/ok.png", "cat/big.png"):
+            s3.delete_object(Bucket="raw", Key=key)
+        s3.delete_bucket(Bucket="raw")
+        storage._S3_BY_PID.clear()
+    assert result.report["quarantine"] == [
+        {"file": "s3://raw/cat/big.png", "reason": "file too large: 2.0 MiB > ingest.max_file_bytes 1.0 MiB"}]
+    assert result.manifest[["uri", "width", "height", "bytes"]].values.tolist() == [
+        ["s3://raw/cat/ok.png", 40, 30, (tmp_path / "ok.png").stat().st_size]]

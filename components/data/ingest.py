@@ -2,6 +2,11 @@
 
 Every file seen ends up exactly once in the manifest or in the report (quarantined, duplicate dropped, leak,
 excluded class, over the per-class cap), each with a reason.
+
+Files are decoded in a pool of worker processes (`workers` > 1), a few files in flight each. A worker that dies (a
+decoder's segfault, the OOM killer) costs only the file it was on: the files in flight are decoded again one by
+one, and one that kills its process again is quarantined with the exit code. Workers ignore Ctrl+C; the ingesting
+process stops the pool without waiting for queued files and lets the KeyboardInterrupt through.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ import hashlib
 import multiprocessing
 import os
 import random
+import signal
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -26,6 +35,7 @@ from components.errors import DataError
 
 MANIFEST_COLUMNS = ["id", "label", "uri", "width", "height", "format", "bytes"]
 NOT_IN_CLASS_FOLDER = "not inside a class folder"
+_IN_FLIGHT_PER_WORKER = 4  # files submitted ahead per decode worker: keeps it busy, bounds what a crash re-runs
 
 
 @dataclass(frozen=True)
@@ -146,27 +156,131 @@ def _probe(path: str, min_side: int, max_bytes: int, max_pixels: int) -> _Probe:
         return _Probe(None, None, 0, f"unreadable: {e.strerror or e}")
 
 
-def _use_environment(env: dict[str, str]) -> None:
-    """Run a worker with the caller's environment (S3 endpoint and credentials included)."""
+def _probe_all(paths: list[str], probe: Callable[[str], _Probe], workers: int, progress: bool) -> list[_Probe]:
+    """`probe` (picklable) each of `paths`, results in input order, in a pool of `workers` processes (in-process
+    when 1), with a progress bar."""
+    with tqdm(total=len(paths), desc="decode", unit="file", disable=not progress) as bar:
+        if workers > 1 and len(paths) > 1:
+            return _probe_in_pool(paths, probe, min(workers, len(paths)), bar)
+        results = []
+        for path in paths:
+            results.append(probe(path))
+            bar.update()
+        return results
+
+
+def _probe_in_pool(paths: list[str], probe: Callable[[str], _Probe], workers: int, bar: tqdm) -> list[_Probe]:
+    """`_probe_all` in a pool of `workers` processes, with at most `_IN_FLIGHT_PER_WORKER` files each submitted.
+
+    A worker that dies (a decoder's segfault, the OOM killer) breaks the pool: the files in flight that did not
+    come back are probed again one by one (`_probe_one_by_one`), which tells the culprit, and a new pool goes on
+    with the rest. On any exception, Ctrl+C included, the pool is shut down without waiting for queued files.
+    """
+    ctx, env = multiprocessing.get_context("forkserver"), dict(os.environ)  # the forkserver's env may be older
+    results: list[_Probe | None] = [None] * len(paths)
+    queue = deque(range(len(paths)))
+    in_flight: dict[Future[_Probe], int] = {}
+    pool = _pool(ctx, workers, env)
+    try:
+        while queue or in_flight:
+            broken = False
+            try:
+                while queue and len(in_flight) < workers * _IN_FLIGHT_PER_WORKER:
+                    in_flight[pool.submit(probe, paths[queue[0]])] = queue[0]
+                    queue.popleft()
+            except BrokenProcessPool:  # broke since the last file came back; this one was not submitted
+                broken = True
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            if broken or any(_broke(f) for f in done):
+                broken = True
+                done, _ = wait(in_flight)  # a broken pool fails every file in flight at once
+            suspects = []
+            for future in done:
+                i = in_flight.pop(future)
+                if _broke(future):
+                    suspects.append(i)
+                else:
+                    results[i] = future.result()
+                    bar.update()
+            if broken:
+                pool.shutdown()
+                suspects.sort()
+                for i, result in zip(suspects, _probe_one_by_one(ctx, probe, [paths[i] for i in suspects], env)):
+                    results[i] = result
+                bar.update(len(suspects))
+                pool = _pool(ctx, workers, env)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
+def _pool(ctx: BaseContext, workers: int, env: dict[str, str]) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_start_worker, initargs=(env,))
+
+
+def _broke(future: Future) -> bool:
+    return isinstance(future.exception(), BrokenProcessPool)
+
+
+def _start_worker(env: dict[str, str]) -> None:
+    """Set up a decode process: Ctrl+C is left to the ingesting process (which stops the pool), and the caller's
+    environment is used (S3 endpoint and credentials included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.clear()
     os.environ.update(env)
 
 
-def _probe_all(paths: list[str], probe: Callable[[str], _Probe], workers: int, progress: bool) -> list[_Probe]:
-    """`probe` (picklable) each of `paths`, in order, in a pool of `workers` processes (in-process when 1), with a
-    progress bar."""
+def _probe_one_by_one(ctx: BaseContext, probe: Callable[[str], _Probe], paths: list[str],
+                      env: dict[str, str]) -> list[_Probe]:
+    """`probe` `paths` one at a time in a process of their own: a file during which it dies is quarantined with
+    its exit code, and a new process goes on with the next file."""
     results: list[_Probe] = []
-    with ExitStack() as stack:
-        bar = stack.enter_context(tqdm(total=len(paths), desc="decode", unit="file", disable=not progress))
-        if workers > 1 and len(paths) > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(
-                max_workers=min(workers, len(paths)), mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_use_environment, initargs=(dict(os.environ),),  # the forkserver's may be older
-            ))
-            probes = pool.map(probe, paths, chunksize=max(1, min(64, len(paths) // (workers * 16))))
-        else:
-            probes = map(probe, paths)
-        for result in probes:
-            results.append(result)
-            bar.update()
+    process, conn = None, None
+    try:
+        for path in paths:
+            if process is None:
+                conn, child = ctx.Pipe()
+                process = ctx.Process(target=_serve, args=(child, probe, env), daemon=True)
+                process.start()
+                child.close()
+            conn.send(path)
+            try:
+                ok, value = conn.recv()
+            except EOFError:  # it died on this file
+                process.join()
+                results.append(_Probe(None, None, 0,
+                                      f"decoder crashed the worker process ({_exit_status(process.exitcode)})"))
+                conn.close()
+                process, conn = None, None
+                continue
+            if not ok:
+                raise value
+            results.append(value)
+    finally:  # done, a probe's exception or Ctrl+C: nothing of this outlives the run
+        if process is not None:
+            process.kill()
+            process.join()
+            conn.close()
     return results
+
+
+def _serve(conn: Connection, probe: Callable[[str], _Probe], env: dict[str, str]) -> None:
+    """The process of `_probe_one_by_one`: for each path received, send (True, its probe) or (False, the
+    exception the probe raised)."""
+    _start_worker(env)
+    while True:
+        path = conn.recv()
+        try:
+            answer = (True, probe(path))
+        except Exception as e:  # noqa: BLE001 - raised again by the caller, as the pool would
+            answer = (False, e)
+        conn.send(answer)
+
+
+def _exit_status(code: int) -> str:
+    """For messages: "exit code -11, SIGSEGV" for a process a signal killed, "exit code 1" otherwise."""
+    if code < 0 and -code in {s.value for s in signal.Signals}:
+        return f"exit code {code}, {signal.Signals(-code).name}"
+    return f"exit code {code}"
