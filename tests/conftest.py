@@ -191,3 +191,6 @@ def make_image(path: Path, seed: int, size: tuple[int, int] = (64, 48), fmt: str
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, format=fmt)
     return path
+
+
+INGEST_CAPS = {"max_file_bytes": 64 * 2**20, "max_pixels": 50_000_000}  # params.yaml's ingest caps

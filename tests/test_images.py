@@ -23,12 +23,12 @@ from PIL import Image
 
 from components import storage
 from components.data import images
-from components.data.images import MAX_FILE_BYTES, MAX_PIXELS, BadImage, load_rgb, probe_image
+from components.data.images import BadImage, load_rgb, probe_image
 from components.data.ingest import _Probe, _probe, _probe_all, ingest
 from components.data.listing import SourceFile
 from components.errors import DataError
+from tests.conftest import INGEST_CAPS, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
@@ -39,7 +39,7 @@ def class_files(raw: Path) -> list[SourceFile]:
 
 def run_ingest(raw: Path, **overrides) -> tuple[pd.DataFrame, dict]:
     kwargs = dict(source=str(raw), exclude_classes=[], max_images_per_class=None, min_side=16, workers=1, seed=0,
-                  progress=False)
+                  progress=False, **INGEST_CAPS)
     result = ingest(class_files(raw), **(kwargs | overrides))
     return result.manifest, result.report
 
@@ -94,7 +94,7 @@ def test_too_many_pixels_is_refused_from_the_header(tmp_path: Path) -> None:
     assert quarantine_reasons(report, raw) == {"cat/huge.png": reason}
     assert list(manifest["uri"]) == [str(raw / "cat" / "ok.png")]
     with pytest.raises(DataError, match=re.escape(f"huge.png: cannot read image: {reason}")):
-        load_rgb(raw / "cat" / "huge.png")
+        load_rgb(raw / "cat" / "huge.png", max_pixels=INGEST_CAPS["max_pixels"])
 
 
 def test_a_file_over_the_byte_cap_is_quarantined_unread(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def crash_on_poison(path: str) -> _Probe:
     (SIGKILL, as a segfaulting decoder or the OOM killer would); any other file is probed as ingest does."""
     if Path(path).name.startswith("poison"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _probe(path, min_side=16, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS)
+    return _probe(path, min_side=16, max_bytes=INGEST_CAPS["max_file_bytes"], max_pixels=INGEST_CAPS["max_pixels"])
 
 
 def test_a_crashed_decode_worker_quarantines_only_its_file(tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ from components.storage import write_parquet
 files = [SourceFile(str(p), p.parent.name) for p in sorted(Path("raw").glob("*/*"))]
 try:
     result = ingest(files, source="raw", exclude_classes=[], max_images_per_class=None, min_side=16, workers=2,
-                    seed=0)
+                    seed=0, max_file_bytes=2**26, max_pixels=5 * 10**7)
     write_parquet("data/manifest.parquet", result.manifest)
 except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
@@ -232,7 +232,7 @@ def test_a_file_that_grows_after_its_size_was_taken_is_read_no_further_than_the_
     tracemalloc.start()
     try:
         with pytest.raises(BadImage, match=r"^file too large: more than ingest.max_file_bytes 1.0 MiB \(it grew"):
-            probe_image(path, min_side=1, max_bytes=MiB, max_pixels=MAX_PIXELS)
+            probe_image(path, min_side=1, max_bytes=MiB, max_pixels=INGEST_CAPS["max_pixels"])
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -250,7 +250,7 @@ def test_s3_objects_over_the_byte_cap_are_quarantined_unread(s3_env, tmp_path: P
     files = [SourceFile("s3://raw/cat/big.png", "cat"), SourceFile("s3://raw/cat/ok.png", "cat")]
     try:
         result = ingest(files, source="s3://raw", exclude_classes=[], max_images_per_class=None, min_side=16,
-                        workers=1, seed=0, progress=False, max_file_bytes=MiB)
+                        workers=1, seed=0, progress=False, max_file_bytes=MiB, max_pixels=INGEST_CAPS["max_pixels"])
     finally:
         for key in ("cat/ok.png", "cat/big.png"):
             s3.delete_object(Bucket="raw", Key=key)

@@ -12,21 +12,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.data.images import MAX_FILE_BYTES, MAX_PIXELS, BadImage, load_rgb, probe_image
+from components.data.images import BadImage, load_rgb, probe_image
 from components.data.ingest import MANIFEST_COLUMNS, ingest
 from components.data.listing import SourceFile, list_class_folder, read_listing_csv
 from components.errors import DataError
 from components.storage import atomic_write_path, write_json
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_image(path: Path, seed: int, size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> Path:
-    """Write a noise image (distinct content per seed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format=fmt)
-    return path
+from tests.conftest import INGEST_CAPS, REPO, make_image
 
 
 def build_dataset(root: Path) -> None:
@@ -74,7 +65,7 @@ EXPECTED_QUARANTINE = {
 
 def run_ingest(files: list[SourceFile], **overrides) -> tuple[pd.DataFrame, dict]:
     kwargs = dict(source="raw", exclude_classes=["bird"], max_images_per_class=None, min_side=32, workers=1,
-                  seed=0, progress=False)
+                  seed=0, progress=False, **INGEST_CAPS)
     result = ingest(files, **(kwargs | overrides))
     return result.manifest, result.report
 
@@ -222,7 +213,7 @@ def test_decompression_bomb_is_quarantined(tmp_path: Path, monkeypatch) -> None:
     make_image(tmp_path / "raw" / "cat" / "ok.jpg", 2, size=(16, 16))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(BadImage, match="too large"):
-        probe_image(path, min_side=1, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS)
+        probe_image(path, min_side=1, max_bytes=INGEST_CAPS["max_file_bytes"], max_pixels=INGEST_CAPS["max_pixels"])
     _, report = run_ingest(list_class_folder(tmp_path / "raw").files, min_side=1)
     assert [q["reason"].split(" (")[0] for q in report["quarantine"]] == ["too large"]
 
@@ -240,7 +231,7 @@ def test_decompression_bomb_is_quarantined(tmp_path: Path, monkeypatch) -> None:
 def test_load_rgb_converts_any_mode(tmp_path: Path, image: Image.Image, fmt: str, expected: tuple) -> None:
     path = tmp_path / "img"
     image.save(path, format=fmt)
-    assert probe_image(path, min_side=32, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS)[1].format == fmt
+    assert probe_image(path, min_side=32, max_bytes=INGEST_CAPS["max_file_bytes"], max_pixels=INGEST_CAPS["max_pixels"])[1].format == fmt
     rgb = load_rgb(path)
     assert rgb.mode == "RGB" and rgb.size == (40, 40)
     assert all(abs(a - b) <= 2 for a, b in zip(rgb.getpixel((5, 5)), expected))

@@ -23,7 +23,13 @@ from components.data.listing import list_class_folder
 from components.errors import WeightsError
 from components.models.backbones import create_backbone
 from components.storage import StorageError, read_bytes
-from tests.conftest import REPO, S3_TEST_CREDENTIALS, free_port, tiny_sample
+from tests.conftest import (
+    INGEST_CAPS,
+    REPO,
+    S3_TEST_CREDENTIALS,
+    free_port,
+    tiny_sample,
+)
 
 SECRET = "wrong-secret-Zq8xV3"
 
@@ -68,7 +74,7 @@ def test_ingest_reads_a_bucket_of_class_folders(s3, tmp_path, fresh_s3_client):
 
     listed = list_class_folder("s3://raw/photos").files
     result = ingest(listed, source="s3://raw/photos", exclude_classes=[], max_images_per_class=None, min_side=16,
-                    workers=2, seed=0, progress=False)
+                    workers=2, seed=0, progress=False, **INGEST_CAPS)
 
     manifest = result.manifest
     assert len(manifest) == len(rows) and set(manifest["label"]) == {label for _, label in rows}

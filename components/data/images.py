@@ -25,8 +25,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from components.errors import DataError
 from components.storage import is_remote, open_input, s3_errors, s3_filesystem
 
-MAX_FILE_BYTES = 64 * 2**20  # default byte cap per file (ingest.max_file_bytes)
-MAX_PIXELS = 50_000_000  # default pixel cap per image (ingest.max_pixels)
 SNIFF_BYTES = 64 * 2**10  # head read first: enough for the header of common formats
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -62,9 +60,11 @@ def probe_image(uri: Path | str, *, min_side: int, max_bytes: int, max_pixels: i
     return data, ImageInfo(width=width, height=height, format=fmt)
 
 
-def load_rgb(uri: Path | str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_rgb(uri: Path | str, max_pixels: int | None = None) -> Image.Image:
     """Load a local or s3:// image upright as 8-bit RGB (alpha composited on white, 16-bit and float scaled to
-    8 bits). Raises `DataError` naming the file if it cannot be used, `StorageError` if its endpoint fails."""
+    8 bits). `max_pixels`: refuse larger images (None: the manifest's images passed ingest's cap; PIL's
+    decompression-bomb check always applies). Raises `DataError` naming the file if it cannot be used,
+    `StorageError` if its endpoint fails."""
     try:
         with open_input(uri) as f:
             return _decode(f, max_pixels)[0]
@@ -74,7 +74,7 @@ def load_rgb(uri: Path | str, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise DataError(f"{uri}: cannot read image: {e.strerror or e}") from None
 
 
-def _decode(source: IO[bytes], max_pixels: int) -> tuple[Image.Image, str]:
+def _decode(source: IO[bytes], max_pixels: int | None) -> tuple[Image.Image, str]:
     """The upright 8-bit RGB image in `source` and its format; `BadImage` if it is not a usable image."""
     try:
         with _open_checked(source, max_pixels) as im:
@@ -91,8 +91,9 @@ def _decode(source: IO[bytes], max_pixels: int) -> tuple[Image.Image, str]:
         raise BadImage(f"truncated or corrupt: {str(e) or type(e).__name__}") from None
 
 
-def _open_checked(source: IO[bytes], max_pixels: int) -> Image.Image:
-    """Open `source` lazily (its header only) and refuse more than `max_pixels` before any pixel is decoded.
+def _open_checked(source: IO[bytes], max_pixels: int | None) -> Image.Image:
+    """Open `source` lazily (its header only) and refuse more than `max_pixels` (if given) before any pixel is
+    decoded.
 
     PIL's own decompression-bomb error still applies; its warning is silenced, `max_pixels` being the policy.
     """
@@ -100,7 +101,7 @@ def _open_checked(source: IO[bytes], max_pixels: int) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(source)
     width, height = im.size
-    if width * height > max_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         im.close()
         raise BadImage(f"too many pixels: {width}x{height} = {width * height / 1e6:.1f} MP > ingest.max_pixels "
                        f"{max_pixels / 1e6:.1f} MP")

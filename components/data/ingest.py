@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
-from components.data.images import MAX_FILE_BYTES, MAX_PIXELS, BadImage, ImageInfo, probe_image
+from components.data.images import BadImage, ImageInfo, probe_image
 from components.data.listing import SourceFile
 from components.errors import DataError
 
@@ -60,8 +60,8 @@ def ingest(
     min_side: int,
     workers: int,
     seed: int,
-    max_file_bytes: int = MAX_FILE_BYTES,
-    max_pixels: int = MAX_PIXELS,
+    max_file_bytes: int,
+    max_pixels: int,
     progress: bool = True,
 ) -> IngestResult:
     """Decode every file (in `workers` processes), build the manifest and a report accounting for every file.
