@@ -97,6 +97,16 @@ def test_too_many_pixels_is_refused_from_the_header(tmp_path: Path) -> None:
         load_rgb(raw / "cat" / "huge.png", max_pixels=INGEST_CAPS["max_pixels"])
 
 
+def ingest_traced(raw: Path) -> tuple[dict, int]:
+    """The ingest report of `raw` and the peak of Python memory allocated while making it."""
+    tracemalloc.start()
+    try:
+        _, report = run_ingest(raw)
+        return report, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_file_over_the_byte_cap_is_quarantined_unread(tmp_path: Path) -> None:
     """A sparse file twice the default cap (64 MiB): quarantined with its size and the cap, never read."""
     raw = tmp_path / "raw"
@@ -104,12 +114,7 @@ def test_a_file_over_the_byte_cap_is_quarantined_unread(tmp_path: Path) -> None:
     with open(raw / "cat" / "big.jpg", "wb") as f:
         f.truncate(128 * MiB)
 
-    tracemalloc.start()
-    try:
-        _, report = run_ingest(raw)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    report, peak = ingest_traced(raw)
     assert quarantine_reasons(report, raw) == {
         "cat/big.jpg": "file too large: 128.0 MiB > ingest.max_file_bytes 64.0 MiB"}
     assert peak < 4 * MiB
@@ -123,12 +128,7 @@ def test_the_header_is_checked_before_the_rest_of_the_file_is_read(tmp_path: Pat
         f.write(png_header(10_000, 10_000))
         f.truncate(20 * MiB)
 
-    tracemalloc.start()
-    try:
-        _, report = run_ingest(raw)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    report, peak = ingest_traced(raw)
     assert quarantine_reasons(report, raw)["cat/huge.png"].startswith("too many pixels: 10000x10000")
     assert peak < 4 * MiB
 
