@@ -6,10 +6,12 @@ the best model so far); a worker that dies is restarted from the latest checkpoi
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -21,6 +23,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from torch.distributed import TCPStore
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -78,6 +81,41 @@ class RayWorkerContext:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
+def _listen_on_master_addr() -> None:
+    """In a Train worker, before its process group is set up: rank 0's rendezvous store (torch's TCPStore) will
+    listen on MASTER_ADDR only — the node's address, 127.0.0.1 on a private local Ray — where torch's own listens
+    on every interface."""
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")  # the module (an attribute: a function)
+    create = rendezvous._create_c10d_store
+
+    def create_store(hostname: str, port: int, rank: int, world_size: int, timeout, use_libuv: bool = True):
+        if rank != 0 or rendezvous._agent_store_serves(hostname, port):
+            return create(hostname, port, rank, world_size, timeout, use_libuv)
+        family = socket.AF_INET6 if ipaddress.ip_address(hostname).version == 6 else socket.AF_INET
+        listener = socket.create_server((hostname, port), family=family)
+        return TCPStore(hostname, port, world_size, True, timeout, multi_tenant=True, use_libuv=use_libuv,
+                        master_listen_fd=listener.detach())
+
+    rendezvous._create_c10d_store = create_store
+
+
+class _TorchBackend(ray.train.torch.config._TorchBackend):
+    """Ray's torch backend, with the rendezvous store on MASTER_ADDR only (`_listen_on_master_addr`)."""
+
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+        worker_group.execute(_listen_on_master_addr)
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class _TorchConfig(TorchConfig):
+    """Ray's TorchConfig with `_TorchBackend`."""
+
+    @property
+    def backend_cls(self) -> type[_TorchBackend]:
+        return _TorchBackend
+
+
 def _worker_entry(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
     config["loop"](config["job"], RayWorkerContext())
@@ -133,7 +171,7 @@ def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, 
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"loop": loop, "job": job, "threads": cluster.cpus_per_worker},
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        torch_config=_TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,

@@ -42,13 +42,16 @@ def tiny_train_val(target: Path) -> tuple[list[tuple[str, int]], list[tuple[str,
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray for the session's distributed tests, shut down at the end."""
+    """A private local Ray for the session's distributed tests, whatever RAY_ADDRESS says (cleared for the
+    session), shut down at the end."""
     from components.distributed import ensure_ray  # before ray itself: `components` keeps a local Ray on loopback
     import ray
 
-    ensure_ray()
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("RAY_ADDRESS", raising=False)
+        ensure_ray()
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture

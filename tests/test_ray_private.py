@@ -32,7 +32,8 @@ def ray_start_cluster() -> Iterator[tuple[str, dict[str, str]]]:
     the Ray temp folder ray.init() reads. That folder is this test's own (RAY_TMPDIR), so no other Ray on the machine
     sees it; the head runs in its own process group, stopped (then killed) at the end. Yields (GCS address, env)."""
     tmp = Path(tempfile.mkdtemp(prefix="fsray", dir="/tmp"))  # short: Ray's unix socket paths live under it
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp), "PYTHONPATH": str(REPO)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_TMPDIR": str(tmp), "PYTHONPATH": str(REPO)}
     port = free_port()
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                "--num-cpus=1", "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
@@ -44,7 +45,7 @@ def ray_start_cluster() -> Iterator[tuple[str, dict[str, str]]]:
         deadline = time.monotonic() + 180
         while not recorded.exists():
             assert head.poll() is None, f"ray start exited: {(tmp / 'ray-start.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"ray start not up after 180 s: {(tmp / 'ray-start.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not up after 180 s: {(tmp / 'ray-start.log').read_text()[-3000:]}"
             time.sleep(0.5)
         address = recorded.read_text().strip()
         assert address.endswith(f":{port}")
