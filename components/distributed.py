@@ -1,7 +1,9 @@
 """Ray Train integration: run a training loop from components.training.loops as a TorchTrainer job.
 
 DDP on gloo for CPU workers and nccl when GPUs are used; one checkpoint per epoch (the latest is kept, it holds
-the best model so far); a worker that dies is restarted from the latest checkpoint (`max_failures`).
+the best model so far); a worker that dies is restarted from the latest checkpoint (`max_failures`). Rank 0's
+progress reaches the driver through a Ray queue and shows as a bar per epoch on the terminal (`sys.__stderr__`: a
+stage's runner may send `sys.stderr` to its log file).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,8 @@ import torch
 from torch.distributed import TCPStore
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.queue import Empty, Queue
+from tqdm import tqdm
 
 import components
 from components.errors import FiresightError
@@ -56,14 +63,30 @@ class Cluster:
     address: str | None = None  # a Ray cluster to join (RAY_ADDRESS overrides); None: a private local Ray
 
 
-class RayWorkerContext:
-    """WorkerContext backed by ray.train (rank, device, checkpoints)."""
+@dataclass(frozen=True)
+class _Step:
+    """Rank 0 after a training step: steps done of the epoch's total, running mean loss."""
 
-    def __init__(self) -> None:
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+
+
+class RayWorkerContext:
+    """WorkerContext backed by ray.train (rank, device, checkpoints); rank 0 puts its progress (steps, then each
+    epoch's metrics) into `progress` when given."""
+
+    def __init__(self, progress: Queue | None = None) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self._progress = progress if self.rank == 0 else None
+
+    def progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        if self._progress is not None:
+            self._progress.put(_Step(epoch, step, steps, loss))
 
     def restored_state(self) -> dict[str, Any] | None:
         checkpoint = ray.train.get_checkpoint()
@@ -75,10 +98,12 @@ class RayWorkerContext:
     def report(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
         if write_checkpoint is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            write_checkpoint(Path(folder))
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                write_checkpoint(Path(folder))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        if self._progress is not None:
+            self._progress.put(dict(metrics))
 
 
 def _listen_on_master_addr() -> None:
@@ -118,7 +143,67 @@ class _TorchConfig(TorchConfig):
 
 def _worker_entry(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["threads"])
-    config["loop"](config["job"], RayWorkerContext())
+    config["loop"](config["job"], RayWorkerContext(config["progress"]))
+
+
+class _EpochBars:
+    """Rank 0's progress on the terminal: a bar per epoch (steps, running loss) that ends with the epoch's val
+    metrics; an epoch without training steps (epoch 0: the starting point) is one line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: tqdm | None = None
+        self.epoch = -1
+
+    def show(self, event: _Step | dict[str, float]) -> None:
+        if isinstance(event, _Step):
+            if self.bar is None or event.epoch != self.epoch or event.step < self.bar.n:  # a restarted worker redoes it
+                self.close()
+                self.bar = tqdm(total=event.steps, desc=f"{self.name} epoch {event.epoch}", unit="step",
+                                file=sys.__stderr__, dynamic_ncols=True)
+                self.epoch = event.epoch
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
+            self.bar.update(event.step - self.bar.n)
+            return
+        scores = {k: f"{v:.4f}" for k, v in event.items() if k.startswith("val_")}
+        if self.bar is not None and int(event["epoch"]) == self.epoch:
+            self.bar.set_postfix(loss=f"{event['train_loss']:.4f}", **scores, refresh=False)
+            self.close()
+        else:
+            tqdm.write(f"{self.name} epoch {int(event['epoch'])}: " + ", ".join(f"{k}={v}" for k, v in scores.items()),
+                       file=sys.__stderr__)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def _progress_relay(name: str) -> Iterator[Queue]:
+    """A queue (a Ray actor) for rank 0's progress, drained into `_EpochBars` by a driver thread while the job runs:
+    Train's controller is an actor, so the driver sees nothing of a running job otherwise."""
+    queue = Queue()
+    bars = _EpochBars(name)
+    finished = threading.Event()
+
+    def drain() -> None:
+        while True:
+            try:
+                bars.show(queue.get(timeout=0.5))
+            except Empty:
+                if finished.is_set():  # every put happened before the job ended
+                    return
+
+    thread = threading.Thread(target=drain, name="firesight-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        finished.set()
+        thread.join(timeout=10)
+        bars.close()
+        queue.shutdown()
 
 
 def gpu_available(choice: str) -> bool:
@@ -135,6 +220,10 @@ def ensure_ray(address: str | None = None) -> None:
     listens on 127.0.0.1 only. One log line says which."""
     if ray.is_initialized():
         return
+    ray_logger = logging.getLogger("ray")  # Ray's own handler writes to the stderr of import time: log through ours
+    for handler in ray_logger.handlers[:]:
+        ray_logger.removeHandler(handler)
+    ray_logger.propagate = True
     # workers run in Ray's own folders: make them import this checkout's code, the same the driver runs; on a
     # busy small machine a worker can take minutes to start, past Ray Train's 60 s default
     code = {"env_vars": {"PYTHONPATH": str(Path(components.__file__).resolve().parent.parent),
@@ -163,14 +252,14 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def torch_trainer(loop: Callable[[Any, Any], None], job: Any, *, run_name: str, cluster: Cluster,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, progress: Queue | None = None) -> TorchTrainer:
     """A TorchTrainer that runs `loop(job, ctx)` on `cluster.num_workers` workers (gloo on CPU, nccl on GPU),
     keeps the latest per-epoch checkpoint (under `cluster.storage_path`, a folder or s3:// prefix) and restarts
-    failed workers from it."""
+    failed workers from it; rank 0 puts its progress into `progress` when given."""
     filesystem, storage_path = arrow_filesystem(cluster.storage_path)
     return TorchTrainer(
         _worker_entry,
-        train_loop_config={"loop": loop, "job": job, "threads": cluster.cpus_per_worker},
+        train_loop_config={"loop": loop, "job": job, "threads": cluster.cpus_per_worker, "progress": progress},
         torch_config=_TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers,
@@ -201,12 +290,14 @@ def fit(trainer: TorchTrainer, run_name: str) -> ray.train.Result:
 
 
 def run_training(loop: Callable[[Any, Any], None], job: Any, *, name: str, cluster: Cluster, output_dir: Path) -> Path:
-    """Run `loop(job, ctx)` on `cluster.num_workers` Ray Train workers; copy the best model and the metric
-    history of the final checkpoint into `output_dir` (replacing it whole) and return it."""
+    """Run `loop(job, ctx)` on `cluster.num_workers` Ray Train workers, showing rank 0's progress as a bar per
+    epoch named `name`; copy the best model and the metric history of the final checkpoint into `output_dir`
+    (replacing it whole) and return it."""
     ensure_ray(cluster.address)
     run_name = f"{name}-{uuid.uuid4().hex[:8]}"  # a reused name would resume an old run
     log.info("Ray Train job %s: %d worker(s), %s", run_name, cluster.num_workers, "nccl/GPU" if cluster.use_gpu else "gloo/CPU")
-    result = fit(torch_trainer(loop, job, run_name=run_name, cluster=cluster), run_name)
+    with _progress_relay(name) as progress:
+        result = fit(torch_trainer(loop, job, run_name=run_name, cluster=cluster, progress=progress), run_name)
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

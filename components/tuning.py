@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from tqdm import tqdm
 
 from components.distributed import Cluster, TrainingFailed, ensure_ray, fit, root_cause, torch_trainer
 from components.storage import arrow_filesystem, is_remote, remove_tree
@@ -132,7 +134,7 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
                 max_concurrent_trials=search.max_concurrent_trials, scheduler=_scheduler(search),
                 trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(name=name, storage_path=storage, storage_filesystem=tune_filesystem,
-                                      callbacks=search_callbacks(mlflow_parent),
+                                      callbacks=[_TrialsBar(), *search_callbacks(mlflow_parent)],
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     results = tuner.fit()
@@ -171,6 +173,32 @@ def search_callbacks(mlflow_parent: tuple[str, str] | None) -> list[MLflowLogger
     experiment, parent = mlflow_parent
     return [_TrialRunLogger(experiment_name=experiment,
                             tags={"mlflow.parentRunId": parent, "firesight.stage": "tune-trial"})]
+
+
+class _TrialsBar(tune.Callback):
+    """The search on the terminal (`sys.__stderr__`, as the training bars): trials ended of all, best val mAP so
+    far. Read from Tune's trials at each step, so a restored search counts the trials it keeps."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        self.bar = tqdm(total=total_num_samples, desc="tune trials", unit="trial", file=sys.__stderr__)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        best = max((t.metric_analysis[METRIC]["max"] for t in trials if METRIC in t.metric_analysis), default=None)
+        if best is not None:
+            self.bar.set_postfix(best_val_map=f"{best:.4f}", refresh=False)
+        if ended != self.bar.n:
+            self.bar.update(ended - self.bar.n)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.on_step_end(0, trials)
+        self.bar.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks into tuner.pkl; the bar is made in setup()
+        return {**self.__dict__, "bar": None}
 
 
 def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome:

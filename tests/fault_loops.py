@@ -24,6 +24,9 @@ class _Recording:
     def restored_state(self):
         return self.ctx.restored_state()
 
+    def progress(self, epoch, step, steps, loss) -> None:
+        self.ctx.progress(epoch, step, steps, loss)
+
     def report(self, metrics, write_checkpoint) -> None:
         self.ctx.report(metrics, write_checkpoint)
         self.last_reported = int(metrics["epoch"])

@@ -56,6 +56,16 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
         print(f"\ndvc repro, embedded defaults: {time.monotonic() - start:.1f} s")
     for stage in ("scan", "ingest", "split", "classify", "tune", "retrieval", "index", "evaluate"):
         assert f"Running stage '{stage}'" in log
+        assert re.search(rf"^firesight {stage}: done in [0-9.]+ s.* \(log: logs/{stage}\.log\)$", log, re.M), log
+    # what the terminal shows: each epoch's bar and one line per stage (21 KB before, mostly Ray's and MLflow's)
+    assert len(log.encode()) < 8000, log
+    for chatter in ("Reporting training result", "Checkpoint successfully created", "Token authentication",
+                    "View the dashboard", "View run", "MLflow database tables", "alembic", "Trial status"):
+        assert chatter not in log
+    assert re.search(r"^classify epoch 1: 100%.*loss=.*val_map=", log, re.M) and "tune trials: 100%" in log
+    for stage in ("classify", "tune", "retrieval"):  # ... and what the stage's log keeps
+        assert "Reporting training result" in (repo / "logs" / f"{stage}.log").read_text()
+    assert "MLflow database tables" in (repo / "logs" / "classify.log").read_text()
 
     report = json.loads((repo / "data/ingest_report.json").read_text())
     assert [q["file"].endswith("anchor/broken.jpg") for q in report["quarantine"]] == [True]
@@ -104,7 +114,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
 
     _set_params(repo, {"retrieval": {"pos_margin": 0.6}})  # only the search-off default: the finished search is restored
     log = _dvc(repo, "repro")
-    assert "Running stage 'tune'" in log and "restoring margin search" in log
+    assert "Running stage 'tune'" in log and "restoring margin search" in (repo / "logs" / "tune.log").read_text()
     assert json.loads((repo / "tune/best_margins.json").read_text()) == chosen
     restored = json.loads((repo / "metrics/tune.json").read_text())  # the search's time adds up over invocations
     assert restored["search_wall_seconds"] == pytest.approx(search_seconds + restored["wall_seconds"], abs=0.11)
@@ -115,4 +125,4 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     assert len(versions) == 2
     best = max(versions, key=lambda v: float(v.tags["test_map"]))
     assert str(client.get_model_version_by_alias("firesight-retriever", "champion").version) == str(best.version)
-    assert "alias 'champion'" in log
+    assert "alias 'champion'" in (repo / "logs" / "evaluate.log").read_text()

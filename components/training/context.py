@@ -28,6 +28,9 @@ class WorkerContext(Protocol):
     def restored_state(self) -> dict[str, Any] | None:
         """The train state of the last checkpoint when the job resumes, else None."""
 
+    def progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        """After each training step: `step` of the epoch's `steps` done, running mean `loss` (for a progress bar)."""
+
     def report(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
         """Report one epoch; rank 0 passes a function that writes the checkpoint files into a folder."""
 
@@ -46,6 +49,7 @@ class LocalContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reports: list[dict[str, float]] = field(default_factory=list)
+    steps: list[tuple[int, int, int, float]] = field(default_factory=list)  # progress: (epoch, step, steps, loss)
 
     def latest_checkpoint(self) -> Path | None:
         done = sorted(self.folder.glob("epoch_*")) if self.folder.exists() else []
@@ -54,6 +58,9 @@ class LocalContext:
     def restored_state(self) -> dict[str, Any] | None:
         latest = self.latest_checkpoint()
         return read_train_state(latest) if latest else None
+
+    def progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        self.steps.append((epoch, step, steps, loss))
 
     def report(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
         self.reports.append(dict(metrics))

@@ -187,6 +187,7 @@ def train_classifier(job: ClassifyJob, ctx: WorkerContext) -> None:
             loss = criterion(ddp(images.to(ctx.device)), labels.to(ctx.device))
             _step(optimizer, loss)
             losses.append(loss.item())
+            ctx.progress(epoch, len(losses), len(loader), float(np.mean(losses)))
         return float(np.mean(losses)), list(sampler)
 
     def evaluate(epoch: int) -> dict[str, float]:
@@ -236,6 +237,7 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
             loss = model.loss(a, b, y, label_tensor[i], label_tensor[j]) if job.loss == "siamese" else model.loss(a, b, y)
             _step(optimizer, loss)
             losses.append(loss.item())
+            ctx.progress(epoch, len(losses), len(loader), float(np.mean(losses)))
         return float(np.mean(losses)), list(sampler)
 
     def run_triplet_epoch(ddp: nn.Module, epoch: int) -> tuple[float, list[int]]:
@@ -249,6 +251,7 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
             loss = model.loss(ddp(images.to(ctx.device)), batch_labels.to(ctx.device))
             _step(optimizer, loss)
             losses.append(loss.item())
+            ctx.progress(epoch, len(losses), len(loader), float(np.mean(losses)))
             seen.extend(idx.tolist())
         return float(np.mean(losses)), seen
 
