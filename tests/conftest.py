@@ -16,6 +16,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
+# The tests start their own Rays (private, on loopback) and never join a cluster RAY_ADDRESS names: cleared before
+# any test module imports `components`, which reads it once to choose Ray's node IP (see components/__init__.py).
+os.environ.pop("RAY_ADDRESS", None)
+
 
 def tiny_sample(target: Path, classes: int, per_class: int, max_side: int = 64) -> list[tuple[str, str]]:
     """Copy `classes` × `per_class` real images of the committed sample, shrunk to `max_side`; return (path, label)."""
@@ -42,16 +46,13 @@ def tiny_train_val(target: Path) -> tuple[list[tuple[str, int]], list[tuple[str,
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A private local Ray for the session's distributed tests, whatever RAY_ADDRESS says (cleared for the
-    session), shut down at the end."""
+    """A private local Ray for the session's distributed tests (RAY_ADDRESS is cleared above), shut down at the end."""
     from components.distributed import ensure_ray  # before ray itself: `components` keeps a local Ray on loopback
     import ray
 
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("RAY_ADDRESS", raising=False)
-        ensure_ray()
-        yield
-        ray.shutdown()
+    ensure_ray()
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture
