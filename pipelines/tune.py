@@ -52,7 +52,7 @@ def main(params: Params) -> None:
     job = retrieval_job(params, p, splits)
     search = margin_search(t)
     cluster = Cluster(t.workers_per_trial, params.ray.cpus_per_worker, gpu_available(params.ray.use_gpu),
-                      params.ray.storage_path)
+                      params.ray.storage_path, address=params.ray.address)
     name = experiment_name(job, search, cluster)
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run("tune", params_dict(params, "tune", "retrieval", "ray"),
