@@ -27,9 +27,12 @@ from components.data.datasets import PairDataset
 from components.data.samplers import draw_random_pairs
 from components.data.transforms import PairBatchTransform
 from components.distributed import Cluster, ensure_ray, run_training
-from components.losses.contrastive import DoubleMarginContrastiveLoss
+from components.losses import LOSSES
+from components.losses.pairs import pair_tuple
 from components.models.net import freeze_batchnorm_statistics
-from components.training.loops import LabelledImages, RetrievalJob, RetrievalValSet, train_retrieval
+from components.registry import Spec
+from components.training.jobs import LabelledImages, RetrievalJob, RetrievalValSet
+from components.training.retrieval import train_retrieval
 from pipelines.common import net_spec, optimisation
 from pipelines.params import load_params
 
@@ -87,15 +90,16 @@ def _job(size: dict) -> RetrievalJob:
         train=LabelledImages(train.uris, [classes.index(c) for c in train.labels]),
         retrieval_val=RetrievalValSet([u for u, _ in val], [val_classes.index(c) for _, c in val],
                                       [i < len(val_classes) for i in range(len(val))]),  # one query per class
-        pos_margin=p.pos_margin, neg_margin=p.neg_margin, pos_pairs_per_class=size["pairs_per_class"],
-        neg_pairs_per_class=size["pairs_per_class"], redraw_every=size["epochs"], eval_batch_size=params.index.batch_size,
-        squared_hinge=p.squared_hinge)
+        criterion=p.criterion.spec(),
+        sampler=Spec("random_pairs", {"pos_per_class": size["pairs_per_class"], "neg_per_class": size["pairs_per_class"],
+                                      "redraw_every": size["epochs"]}),
+        eval_batch_size=params.index.batch_size)
 
 
 def _pairs(job: RetrievalJob) -> np.ndarray:
     """The pairs train_retrieval draws for its first draw (the only one here: redraw_every = epochs)."""
-    return draw_random_pairs(np.array(job.train.labels), job.pos_pairs_per_class, job.neg_pairs_per_class,
-                             np.random.default_rng([job.optim.seed, 0]))
+    return draw_random_pairs(np.array(job.train.labels), job.sampler.args["pos_per_class"],
+                             job.sampler.args["neg_per_class"], np.random.default_rng([job.optim.seed, 0]))
 
 
 def _bare(job: RetrievalJob, threads: int, samples: int) -> dict[str, Any]:
@@ -109,7 +113,7 @@ def _bare(job: RetrievalJob, threads: int, samples: int) -> dict[str, Any]:
                         collate_fn=PairBatchTransform(net.meta["mean"], net.meta["std"], o.train_max_side, o.hflip,
                                                       seed=o.seed, rotation_degrees=o.rotation_degrees,
                                                       color_jitter=o.color_jitter))
-    loss_fn = DoubleMarginContrastiveLoss(job.pos_margin, job.neg_margin, squared=job.squared_hinge)
+    loss_fn = LOSSES.build(job.criterion)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                                 weight_decay=o.weight_decay)
     net.train()
@@ -117,8 +121,7 @@ def _bare(job: RetrievalJob, threads: int, samples: int) -> dict[str, Any]:
     with measured() as record:
         for _ in range(o.epochs):
             for images, y, _, _ in loader:
-                a, b = net(images).chunk(2)
-                loss = loss_fn(a, b, y)
+                loss = loss_fn(net(images), None, pair_tuple(y))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -1,4 +1,4 @@
-"""Ray Train integration: run a training loop from components.training.loops as a TorchTrainer job.
+"""Ray Train integration: run a training loop (components.training.classify, .retrieval) as a TorchTrainer job.
 
 DDP on gloo for CPU workers and nccl when GPUs are used; one checkpoint per epoch (the latest is kept, it holds
 the best model so far); a worker that dies is restarted from the latest checkpoint (`max_failures`). Rank 0's

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from components.distributed import Cluster, TrainingFailed, ensure_ray, fit, root_cause, torch_trainer
 from components.storage import arrow_filesystem, is_remote, remove_tree
-from components.training.loops import RetrievalJob
+from components.losses.contrastive import with_margins
+from components.training.jobs import RetrievalJob
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def margin_grid(pos_values: tuple[float, ...], neg_values: tuple[float, ...]) ->
 def experiment_name(job: RetrievalJob, search: MarginSearch, cluster: Cluster) -> str:
     """A name that changes with anything that changes the trials' results: the search, the job (data,
     optimisation, starting checkpoint's bytes) and the trial width."""
-    job_fields = dataclasses.asdict(dataclasses.replace(job, pos_margin=0.0, neg_margin=1.0))
+    job_fields = dataclasses.asdict(dataclasses.replace(job, criterion=with_margins(job.criterion, 0.0, 1.0)))
     digest = hashlib.sha256(json.dumps([dataclasses.asdict(search), job_fields, cluster.num_workers], sort_keys=True,
                                        default=str).encode())
     if job.net.init_checkpoint:
@@ -213,7 +214,7 @@ def _trial(config: dict[str, Any], *, loop, job: RetrievalJob, cluster: Cluster,
     Train run name is stable, so a restored trial resumes from its last epoch checkpoint."""
     run_name = f"{experiment}-{tune.get_context().get_trial_id()}"
     pos, neg = trial_margins(config)
-    job = dataclasses.replace(job, pos_margin=pos, neg_margin=neg)
+    job = dataclasses.replace(job, criterion=with_margins(job.criterion, pos, neg))
     fit(torch_trainer(loop, job, run_name=run_name, cluster=cluster, callbacks=[TuneReportCallback()]), run_name)
 
 

@@ -27,9 +27,9 @@ from components.models.net import RetrievalNet, load_net
 from components.search.embed import embed_images
 from components.storage import atomic_write_path, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
-from components.training.loops import train_retrieval
+from components.training.retrieval import train_retrieval
 from pipelines.common import CLASSIFY_DIR, cluster, git_commit, load_splits, net_spec, stopwatch
-from pipelines.params import DEFAULT_PARAMS, Params, WhiteningParams, load_params
+from pipelines.params import DEFAULT_PARAMS, Params, WhiteningParams, load_params, with_overrides
 from pipelines.retrieval import retrieval_job, whitening_step
 
 log = logging.getLogger("ablation")
@@ -38,19 +38,21 @@ log = logging.getLogger("ablation")
 @dataclass(frozen=True)
 class Row:
     name: str
-    train: dict | None = None  # retrieval-param overrides of a trained row; None: no retrieval training
+    train: dict | None = None  # retrieval-params overrides of a trained row (`with_overrides`); None: no training
     start: str = "imagenet"  # imagenet | classifier | <name of an earlier row> (no training, post-processing only)
     whitening: bool = False
     qe: bool = False
 
 
-ROWS = [
+TRIPLET = {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
+           "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 8, "images_per_class": 4}}}
+ROWS = [  # the retrieval params' double-margin criterion and sampler unless a row replaces them
     Row("off-the-shelf"),
-    Row("retr-s", {"init": "imagenet", "loss": "contrastive", "pos_margin": 0.0}),
-    Row("retr-d", {"init": "imagenet", "loss": "contrastive"}),
+    Row("retr-s", {"init": "imagenet", "criterion": {"args": {"pos_margin": 0.0}}}),
+    Row("retr-d", {"init": "imagenet"}),
     Row("cls", start="classifier"),
-    Row("cls + retr-d", {"init": "classifier", "loss": "contrastive"}),
-    Row("cls + triplet", {"init": "classifier", "loss": "triplet"}),
+    Row("cls + retr-d", {"init": "classifier"}),
+    Row("cls + triplet", {"init": "classifier", **TRIPLET}),
     Row("cls + retr-d + whitening + αQE", start="cls + retr-d", whitening=True, qe=True),
 ]
 
@@ -59,8 +61,7 @@ def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
     if not (CLASSIFY_DIR / BEST_MODEL_FILE).is_file():
         raise FiresightError(f"{CLASSIFY_DIR / BEST_MODEL_FILE} is missing: run `dvc repro` first (the ablation uses its split and classifier)")
     splits = load_splits()
-    test = splits[splits["split"] == "test"].sort_values(["role", "label", "id"])
-    queries, db = test[test["role"] == "query"], test[test["role"] == "db"]
+    queries, db = splits.test_queries(), splits.test_database()
     size, bs = params.model.image_size, params.index.batch_size
     models: dict[str, Path] = {}
     results: list[dict] = []
@@ -73,10 +74,10 @@ def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
                 model_dir = workdir / f"row{len(results)}"
                 selection = {}
                 if row.train is not None:
-                    p = params.retrieval.model_copy(update=row.train)
+                    p = with_overrides(params.retrieval, row.train)
                     run_training(train_retrieval, retrieval_job(params, p, splits), name="ablation",
                                  cluster=cluster(params.ray), output_dir=model_dir)
-                    tracking.mlflow.log_params({f"retrieval.{k}": v for k, v in row.train.items()})
+                    tracking.mlflow.log_params({f"retrieval.{k}": json.dumps(v) for k, v in row.train.items()})
                     history = json.loads((model_dir / HISTORY_FILE).read_text())
                     tracking.log_history(history)
                     best = max(history, key=lambda h: h["val_map"])
@@ -128,9 +129,8 @@ def markdown_table(results: list[dict], params: Params, qe_k: int, qe_alpha: flo
         "",
         f"Test: {results[0]['queries']} queries against {results[0]['database']} database images of unseen classes. "
         f"Backbone {m.backbone} ({m.weights}), {m.pooling} pooling, image size {m.image_size}, frozen stages {m.frozen_stages}; "
-        f"retrieval: {rp.epochs} epochs, lr {rp.lr}, margins m+ {rp.pos_margin} / m− {rp.neg_margin} (retr-s: m+ 0), "
-        f"{rp.pos_pairs_per_class}+{rp.neg_pairs_per_class} pairs per class redrawn every {rp.redraw_every} epochs; "
-        f"triplet margin {rp.triplet_margin}, P×K {rp.classes_per_batch}×{rp.images_per_class}; "
+        f"retrieval: {rp.epochs} epochs, lr {rp.lr}, {_described(rp.criterion)} (retr-s: m+ 0) on {_described(rp.sampler)}; "
+        f"cls + triplet: {_described(TRIPLET['criterion'])} on {_described(TRIPLET['sampler'])}; "
         f"whitening learned on the train classes; αQE k={qe_k}, α={qe_alpha}. Git commit {git_commit()}.",
         "",
         "Each trained row keeps its best epoch by val mAP on the val classes, epoch 0 (its starting point) included: "
@@ -138,6 +138,12 @@ def markdown_table(results: list[dict], params: Params, qe_k: int, qe_alpha: flo
         "starting model's test numbers.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _described(named) -> str:
+    """`name(k=v, ...)` of a {name, args} setting."""
+    named = named if isinstance(named, dict) else named.model_dump()
+    return f"{named['name']}({', '.join(f'{k}={v}' for k, v in named['args'].items())})"
 
 
 def main(

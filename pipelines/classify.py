@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from components.training.loops import ClassifyJob, train_classifier
+from components.training.classify import train_classifier
+from components.training.jobs import ClassifyJob
 from pipelines._runner import run_stage
-from pipelines.common import (CLASSIFY_DIR, labelled, load_splits, net_spec, optimisation, retrieval_set,
-                              train_and_track, train_classes)
+from pipelines.common import CLASSIFY_DIR, labelled, load_splits, net_spec, optimisation, train_and_track, val_set
 from pipelines.params import Params
 
 
 def main(params: Params) -> None:
     splits = load_splits()
-    classes = train_classes(splits)
+    classes = splits.train_classes()
     job = ClassifyJob(
         net=net_spec(params.model),
         optim=optimisation(params.classify),
         classes=classes,
-        train=labelled(splits[splits["split"] == "cls_train"], classes),
-        val=labelled(splits[splits["split"] == "cls_val"], classes),
-        retrieval_val=retrieval_set(splits, "val"),
+        train=labelled(splits.classifier_train(), classes),
+        val=labelled(splits.classifier_val(), classes),
+        retrieval_val=val_set(splits),
         eval_batch_size=params.index.batch_size,
     )
     train_and_track("classify", train_classifier, job, params, CLASSIFY_DIR, select="val_accuracy")

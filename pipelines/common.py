@@ -15,14 +15,16 @@ import pandas as pd
 
 from components import tracking
 from components.distributed import Cluster, gpu_available, run_training
-from components.errors import WeightsError
+from components.data.contract import LABEL, ROLE, URI, Role, Splits, check_splits
+from components.errors import FiresightError, WeightsError
 from components.models.backbones import packaged_imagenet_file
 from components.models.net import load_net, read_checkpoint, save_checkpoint
+from components.models.spec import NetSpec
 from components.models.whitening import fit_pca_whitening
 from components.search.embed import embed_images
 from components.storage import is_remote, read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
-from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalValSet
+from components.training.jobs import LabelledImages, Optimisation, RetrievalValSet
 from pipelines.params import ModelParams, Params, RayParams, _TrainParams
 
 MANIFEST = Path("data/manifest.parquet")
@@ -37,27 +39,26 @@ METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 
 
-def load_splits() -> pd.DataFrame:
+def load_splits() -> Splits:
+    """data/splits.parquet, checked against the contract; local paths made absolute (Ray workers may run elsewhere
+    in the tree; s3:// URIs are read as they are)."""
+    if not SPLITS.exists():
+        raise FiresightError(f"{SPLITS}: no such file (run the split stage first)")
     splits = read_parquet(SPLITS)
-    # Ray workers may run elsewhere in the tree; s3:// URIs are read as they are
-    splits["uri"] = [u if is_remote(u) else str(Path(u).resolve()) for u in splits["uri"]]
-    return splits
-
-
-def train_classes(splits: pd.DataFrame) -> list[str]:
-    return sorted(splits.loc[splits["role"] == "train", "label"].unique())
+    if URI in splits.columns:
+        splits[URI] = [u if is_remote(u) else str(Path(u).resolve()) for u in splits[URI]]
+    return check_splits(splits, str(SPLITS))
 
 
 def labelled(rows: pd.DataFrame, classes: list[str]) -> LabelledImages:
     index = {c: i for i, c in enumerate(classes)}
-    return LabelledImages(rows["uri"].tolist(), [index[c] for c in rows["label"]])
+    return LabelledImages(rows[URI].tolist(), [index[c] for c in rows[LABEL]])
 
 
-def retrieval_set(splits: pd.DataFrame, split: str) -> RetrievalValSet:
-    rows = splits[splits["split"] == split].sort_values(["role", "label", "id"])
-    classes = sorted(rows["label"].unique())
-    index = {c: i for i, c in enumerate(classes)}
-    return RetrievalValSet(rows["uri"].tolist(), [index[c] for c in rows["label"]], (rows["role"] == "query").tolist())
+def val_set(splits: Splits) -> RetrievalValSet:
+    rows = splits.val_set()
+    index = {c: i for i, c in enumerate(sorted(rows[LABEL].unique()))}
+    return RetrievalValSet(rows[URI].tolist(), [index[c] for c in rows[LABEL]], (rows[ROLE] == Role.QUERY).tolist())
 
 
 def optimisation(p: _TrainParams) -> Optimisation:

@@ -3,6 +3,7 @@ distance histograms; register the model in MLflow and move the champion alias on
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -31,8 +32,7 @@ def main(params: Params) -> None:
     tracking.configure(params.tracking.uri, params.tracking.experiment)  # a tracking server that is down fails here
     with stopwatch() as timing:
         splits = load_splits()
-        test = splits[splits["split"] == "test"]
-        queries = test[test["role"] == "query"].sort_values(["label", "id"])
+        queries = splits.test_queries()
         ids = read_parquet(INDEX_DIR / "ids.parquet")
         db_desc = np.load(INDEX_DIR / "descriptors.npy")
         size, bs, ranks = params.model.image_size, params.index.batch_size, params.evaluate.cmc_ranks
@@ -43,7 +43,7 @@ def main(params: Params) -> None:
         finetuned, q_desc = score_queries(q_desc, queries["label"], db_desc, ids["label"], ranks=ranks,
                                           qe_k=params.evaluate.qe_k, qe_alpha=params.evaluate.qe_alpha)
 
-        db_uris = test.set_index("id").loc[ids["id"], "uri"].tolist()
+        db_uris = splits.test_database().set_index("id").loc[ids["id"], "uri"].tolist()
         baseline_net = net_spec(params.model).build().eval()  # the same architecture, never trained here
         _, base_db = embed_images(baseline_net, db_uris, batch_size=bs, progress=True, desc="off-the-shelf db")
         _, base_q = embed_images(baseline_net, queries["uri"].tolist(), batch_size=bs, desc="off-the-shelf queries")
@@ -76,8 +76,8 @@ def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) 
         "data_manifest_sha256": manifest_digest(read_parquet(MANIFEST)),
         "backbone": meta["arch"],
         "pooling": meta["pooling"],
-        "pos_margin": str(meta.get("pos_margin")),
-        "neg_margin": str(meta.get("neg_margin")),
+        "criterion": json.dumps(meta.get("criterion"), sort_keys=True),
+        "sampler": json.dumps(meta.get("sampler"), sort_keys=True),
     }
     with tracking.stage_run("evaluate", params_dict(params, "model", "evaluate"), tags):
         tracking.mlflow.log_metrics({f"test_{k.replace('@', '_at_')}": float(v) for k, v in metrics["test"].items()})

@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 def main(params: Params) -> None:
     with stopwatch() as timing:
         net = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)
-        splits = load_splits()
-        db = splits[(splits["split"] == "test") & (splits["role"] == "db")].sort_values(["label", "id"])
+        db = load_splits().test_database()
         _, descriptors = embed_images(net, db["uri"].tolist(), batch_size=params.index.batch_size,
                                       image_size=params.model.image_size, progress=True, desc="index")
         if params.index.dba_k:

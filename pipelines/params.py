@@ -19,6 +19,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import YAMLError
 
 from components.errors import FiresightError
+from components.registry import Spec
 
 DEFAULT_PARAMS = Path("params.yaml")
 MAX_SIDE = 4096  # pixels: the longest image side any stage resizes to
@@ -63,7 +64,7 @@ class SplitParams(_Section):
 class ModelParams(_Section):
     backbone: str = "tf_efficientnet_lite0"
     weights: str = Field(default="imagenet", description="'imagenet' (packaged offline weights) or a weights file path")
-    pooling: Literal["mac", "spoc", "gem", "rmac"] = "gem"
+    pooling: Literal["mac", "spoc", "gem", "rmac"] = Field(default="gem", description="components.models.pooling.POOLINGS")
     gem_p: float = Field(default=3.0, gt=0, le=100)
     frozen_stages: int = Field(default=0, ge=0, le=16, description="leading backbone stages kept frozen (stage 0 is the stem)")
     image_size: int = Field(default=224, ge=32, le=MAX_SIDE, description="longer side of every image at evaluation time")
@@ -100,27 +101,186 @@ class WhiteningParams(_Section):
     dim: int | None = Field(default=None, ge=1, le=2**16, description="output dimension (PCA reduction); null keeps all")
 
 
+class _Named(_Section):
+    """A registry entry chosen by params: `{name: ..., args: {...}}` (components/registry.py)."""
+
+    def spec(self) -> Spec:
+        return Spec(self.name, self.args.model_dump())
+
+
+class DoubleMarginArgs(_Section):
+    pos_margin: float = Field(ge=0, le=2, description="m+: positive pairs closer than this cost nothing (0 = single "
+                                                      "margin); used when tune.search is off")
+    neg_margin: float = Field(gt=0, le=2, description="m-: negative pairs farther than this cost nothing; used when "
+                                                      "tune.search is off")
+    squared: bool = Field(description="squared hinges (DeepFirearm) or plain ones")
+
+    @model_validator(mode="after")
+    def _margins_ordered(self):  # the loss's own rule, checked on load (this module imports no model code)
+        if not self.pos_margin < self.neg_margin:
+            raise ValueError(f"need 0 <= pos_margin < neg_margin, got {self.pos_margin}, {self.neg_margin}")
+        return self
+
+
+class DoubleMarginCriterion(_Named):
+    name: Literal["double_margin_contrastive"]
+    args: DoubleMarginArgs
+
+
+class MarginArgs(_Section):
+    margin: float = Field(gt=0, le=2)
+
+
+class BatchHardTripletCriterion(_Named):
+    name: Literal["batch_hard_triplet"]
+    args: MarginArgs
+
+
+class SiameseArgs(_Section):
+    ver_weight: float = Field(ge=0, le=100, description="weight of the same/different verification loss")
+    id_weight: float = Field(ge=0, le=100, description="weight of the identification loss of each image")
+
+
+class SiameseCriterion(_Named):
+    name: Literal["siamese_id_verification"]
+    args: SiameseArgs
+
+
+class MultiSimilarityArgs(_Section):
+    alpha: float = Field(gt=0, le=1000, description="weight of positive pairs")
+    beta: float = Field(gt=0, le=1000, description="weight of negative pairs")
+    base: float = Field(ge=-1, le=1, description="similarity offset λ")
+
+
+class MultiSimilarityCriterion(_Named):
+    name: Literal["multi_similarity"]
+    args: MultiSimilarityArgs
+
+
+class ProxyAnchorArgs(_Section):
+    margin: float = Field(ge=0, le=2)
+    alpha: float = Field(gt=0, le=1000, description="scale")
+
+
+class ProxyAnchorCriterion(_Named):
+    name: Literal["proxy_anchor"]
+    args: ProxyAnchorArgs
+
+
+class ArcFaceArgs(_Section):
+    margin: float = Field(ge=0, le=90, description="angular margin in degrees")
+    scale: float = Field(gt=0, le=1000)
+
+
+class ArcFaceCriterion(_Named):
+    name: Literal["arcface"]
+    args: ArcFaceArgs
+
+
+Criterion = Annotated[DoubleMarginCriterion | BatchHardTripletCriterion | SiameseCriterion | MultiSimilarityCriterion
+                      | ProxyAnchorCriterion | ArcFaceCriterion, Field(discriminator="name")]
+
+
+class PairCountArgs(_Section):
+    pos_per_class: int = Field(ge=1, le=10**5, description="positive pairs drawn per class (paper: 180)")
+    neg_per_class: int = Field(ge=1, le=10**5, description="negative pairs drawn per class (paper: 180)")
+    redraw_every: int = Field(ge=1, le=10**4, description="epochs between two draws of the pairs")
+
+
+class RandomPairsSampler(_Named):
+    name: Literal["random_pairs"]
+    args: PairCountArgs
+
+
+class HardNegativeArgs(PairCountArgs):
+    pool_size: int = Field(ge=2, le=10**7, description="random pool the hard negatives are mined from")
+
+
+class HardNegativePairsSampler(_Named):
+    name: Literal["hard_negative_pairs"]
+    args: HardNegativeArgs
+
+
+class RatioPairsArgs(_Section):
+    pos_per_class: int = Field(ge=1, le=10**5)
+    start: float = Field(gt=0, le=100, description="negatives per positive in epoch 1")
+    growth: float = Field(ge=1, le=10, description="× per epoch")
+    max_ratio: float = Field(gt=0, le=100)
+
+
+class RatioPairsSampler(_Named):
+    name: Literal["ratio_pairs"]
+    args: RatioPairsArgs
+
+
+class ClassBalancedArgs(_Section):
+    classes_per_batch: int = Field(ge=2, le=10**4, description="P of the P×K batches")
+    images_per_class: int = Field(ge=2, le=10**4, description="K of the P×K batches")
+
+
+class ClassBalancedSampler(_Named):
+    name: Literal["class_balanced"]
+    args: ClassBalancedArgs
+
+
+Sampler = Annotated[RandomPairsSampler | HardNegativePairsSampler | RatioPairsSampler | ClassBalancedSampler,
+                    Field(discriminator="name")]
+
+
+class NoArgs(_Section):
+    pass
+
+
+class MultiSimilarityMinerArgs(_Section):
+    epsilon: float = Field(ge=0, le=2)
+
+
+class MultiSimilarityMiner(_Named):
+    name: Literal["multi_similarity"]
+    args: MultiSimilarityMinerArgs
+
+
+class BatchHardMiner(_Named):
+    name: Literal["batch_hard"]
+    args: NoArgs = NoArgs()
+
+
+class TripletMarginMinerArgs(_Section):
+    margin: float = Field(ge=0, le=2)
+    type_of_triplets: Literal["all", "hard", "semihard", "easy"]
+
+
+class TripletMarginMiner(_Named):
+    name: Literal["triplet_margin"]
+    args: TripletMarginMinerArgs
+
+
+class PairMarginMinerArgs(_Section):
+    pos_margin: float = Field(ge=0, le=2)
+    neg_margin: float = Field(ge=0, le=2)
+
+
+class PairMarginMiner(_Named):
+    name: Literal["pair_margin"]
+    args: PairMarginMinerArgs
+
+
+Miner = Annotated[MultiSimilarityMiner | BatchHardMiner | TripletMarginMiner | PairMarginMiner,
+                  Field(discriminator="name")]
+
+
 class RetrievalParams(_TrainParams):
     init: Literal["classifier", "imagenet"] = Field(default="classifier", description="start from the best classifier or ImageNet")
-    loss: Literal["contrastive", "triplet", "siamese"] = "contrastive"
-    pos_margin: float = Field(ge=0, le=2, description="m+: positive pairs closer than this cost nothing (0 = single margin); "
-                                                "used when tune.search is off")
-    neg_margin: float = Field(gt=0, le=2, description="m-: negative pairs farther than this cost nothing; used when tune.search is off")
-    squared_hinge: bool = True
-    mining: Literal["random", "hard_negative"] = Field(default="random", description="how pairs are drawn")
-    mining_pool_size: int = Field(default=2000, ge=2, le=10**7, description="random pool the hard negatives are mined from")
-    pos_pairs_per_class: int = Field(default=180, ge=1, le=10**5)
-    neg_pairs_per_class: int = Field(default=180, ge=1, le=10**5)
-    redraw_every: int = Field(default=5, ge=1, le=10**4, description="epochs between two draws of the pairs")
-    triplet_margin: float = Field(default=0.1, gt=0, le=2)
-    classes_per_batch: int = Field(default=8, ge=2, le=10**4, description="P of the P×K triplet batches")
-    images_per_class: int = Field(default=4, ge=2, le=10**4, description="K of the P×K triplet batches")
+    criterion: Criterion = Field(description="the loss, from components.losses.LOSSES")
+    sampler: Sampler = Field(description="how batches are drawn, from components.training.batches.SAMPLERS")
+    miner: Miner | None = Field(default=None, description="in-batch mining, from components.miners.MINERS; null: "
+                                                            "the sampler's pairs (or the whole batch)")
     whitening: WhiteningParams = WhiteningParams()
 
     @model_validator(mode="after")
-    def _margins_ordered(self):
-        if self.pos_margin >= self.neg_margin:
-            raise ValueError(f"pos_margin ({self.pos_margin}) must be below neg_margin ({self.neg_margin})")
+    def _triplets_formable(self):
+        if self.criterion.name == "batch_hard_triplet" and self.sampler.name != "class_balanced" and self.miner is None:
+            raise ValueError("criterion batch_hard_triplet mines P×K batches: use sampler class_balanced (or a miner)")
         return self
 
 
@@ -135,7 +295,7 @@ class AshaParams(_Section):
 
 class TuneParams(_Section):
     search: Literal["grid", "random", "optuna", "off"] = Field(
-        default="grid", description="off: retrieval uses retrieval.pos_margin/neg_margin as given")
+        default="grid", description="off: retrieval uses retrieval.criterion.args' margins as given")
     pos_margins: list[float] = Field(default=[0.5, 0.7], min_length=1, description="grid values of m+")
     neg_margins: list[float] = Field(default=[1.0, 1.2], min_length=1, description="grid values of m−")
     pos_range: tuple[float, float] = Field(default=(0.0, 1.0), description="random/optuna range of m+")
@@ -217,10 +377,25 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _margins_matter(self):
-        if self.tune.search != "off" and self.retrieval.loss != "contrastive":
-            raise ValueError(f"tune.search: {self.tune.search} searches contrastive margins, but retrieval.loss is "
-                             f"{self.retrieval.loss}; set tune.search: off")
+        if self.tune.search != "off" and self.retrieval.criterion.name != "double_margin_contrastive":
+            raise ValueError(f"tune.search: {self.tune.search} searches contrastive margins, but retrieval.criterion is "
+                             f"{self.retrieval.criterion.name}; set tune.search: off")
         return self
+
+
+def with_overrides(section: _Section, overrides: dict[str, Any]) -> _Section:
+    """`section` with `overrides` applied and validated again: a mapping merges into the value it overrides, except a
+    `{name, args}` setting (a mapping with `name`), which replaces it whole; any other value replaces."""
+
+    def merged(base: Any, change: Any) -> Any:
+        if isinstance(base, dict) and isinstance(change, dict) and "name" not in change:
+            return {**base, **{k: merged(base.get(k), v) for k, v in change.items()}}
+        return change
+
+    try:
+        return type(section).model_validate_json(json.dumps(merged(section.model_dump(mode="json"), overrides)))
+    except ValidationError as e:
+        raise ParamsError("overrides " + json.dumps(overrides) + ": " + "; ".join(_describe(err) for err in e.errors())) from None
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:

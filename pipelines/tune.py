@@ -16,7 +16,7 @@ from components import tracking
 from components.distributed import Cluster, gpu_available
 from components.evaluation.plots import plot_margin_search
 from components.storage import atomic_write_path, write_json
-from components.training.loops import train_retrieval
+from components.training.retrieval import train_retrieval
 from components.tuning import MarginSearch, TrialOutcome, best_trial, experiment_name, run_margin_search
 from pipelines._runner import run_stage
 from pipelines.common import BEST_MARGINS, MARGIN_PLOT, METRICS_DIR, TRIALS_TABLE, load_splits, params_dict
@@ -42,9 +42,14 @@ def trials_table(outcomes: list[TrialOutcome]) -> pd.DataFrame:
 def main(params: Params) -> None:
     t, p = params.tune, params.retrieval
     if t.search == "off":
-        chosen = {"pos_margin": p.pos_margin, "neg_margin": p.neg_margin, "source": "retrieval params (tune.search: off)"}
+        chosen: dict = {"source": "retrieval params (tune.search: off)"}
+        margins = None
+        if p.criterion.name == "double_margin_contrastive":
+            margins = (p.criterion.args.pos_margin, p.criterion.args.neg_margin)
+            chosen = {"pos_margin": margins[0], "neg_margin": margins[1], **chosen}
         table = trials_table([])
-        plot_margin_search([], (p.pos_margin, p.neg_margin), MARGIN_PLOT, "no search (tune.search: off): the margins given")
+        plot_margin_search([], margins, MARGIN_PLOT, "no search (tune.search: off): the margins given" if margins
+                           else f"no search (tune.search: off): {p.criterion.name} has no margins")
         _write(chosen, table, {"search": "off", "trials": 0})
         return
 

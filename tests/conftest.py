@@ -150,7 +150,8 @@ TINY_PARAMS = {  # a whole `dvc repro` in a few minutes on 2 CPU cores
     "ingest": {"source": "data/sample", "min_side": 16},
     "model": {"image_size": 64, "frozen_stages": 5},
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
-    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72], "pos_pairs_per_class": 2, "neg_pairs_per_class": 2},
+    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
+                  "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
 }
 
 
@@ -198,3 +199,30 @@ def make_image(path: Path, seed: int, size: tuple[int, int] = (64, 48), fmt: str
 
 
 INGEST_CAPS = {"max_file_bytes": 64 * 2**20, "max_pixels": 50_000_000}  # params.yaml's ingest caps
+
+
+def contrastive(pos_margin: float, neg_margin: float, squared: bool = True):
+    """The double-margin contrastive criterion spec."""
+    from components.registry import Spec
+
+    return Spec("double_margin_contrastive", {"pos_margin": pos_margin, "neg_margin": neg_margin, "squared": squared})
+
+
+def random_pairs(pos_per_class: int, neg_per_class: int, redraw_every: int = 1):
+    """DeepFirearm's random-pairs sampler spec."""
+    from components.registry import Spec
+
+    return Spec("random_pairs", {"pos_per_class": pos_per_class, "neg_per_class": neg_per_class, "redraw_every": redraw_every})
+
+
+def on_pairs(loss, f1, f2, same, c1=None, c2=None):
+    """`loss` (the one criterion signature) over the pairs (f1[k], f2[k]): the batch [f1; f2] with the index tuple
+    of its pairs; c1, c2 are the images' class labels (default: labels consistent with `same`)."""
+    import torch
+
+    from components.losses.pairs import pair_tuple
+
+    if c1 is None:
+        c1 = torch.arange(len(same))
+        c2 = torch.where(same.bool(), c1, c1 + len(same))
+    return loss(torch.cat([f1, f2]), torch.cat([c1, c2]), pair_tuple(same))

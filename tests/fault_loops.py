@@ -8,7 +8,8 @@ import signal
 import time
 from pathlib import Path
 
-from components.training.loops import RetrievalJob, train_retrieval
+from components.training.jobs import RetrievalJob
+from components.training.retrieval import train_retrieval
 
 KILL_IN_EPOCH = 2
 

@@ -1,11 +1,15 @@
 from pipelines.ablation import ROWS, markdown_table
-from pipelines.params import load_params
+from pipelines.params import load_params, with_overrides
 
 
 def test_rows_cover_the_papers_table():
     assert [r.name for r in ROWS] == ["off-the-shelf", "retr-s", "retr-d", "cls", "cls + retr-d", "cls + triplet",
                                       "cls + retr-d + whitening + αQE"]
-    assert ROWS[1].train["pos_margin"] == 0.0 and "pos_margin" not in ROWS[2].train  # single vs double margin
+    retrieval = load_params("params.yaml").retrieval
+    rows = {r.name: with_overrides(retrieval, r.train) for r in ROWS if r.train is not None}
+    assert rows["retr-s"].criterion.args.pos_margin == 0.0  # single vs double margin
+    assert rows["retr-d"].criterion == retrieval.criterion and rows["retr-d"].init == "imagenet"
+    assert rows["cls + triplet"].criterion.name == "batch_hard_triplet" and rows["cls + triplet"].sampler.name == "class_balanced"
 
 
 def test_markdown_table_reports_relative_change():

@@ -5,8 +5,10 @@ import json
 import pytest
 from components.distributed import Cluster, run_training
 from components.models.net import load_net
-from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalJob, RetrievalValSet, train_retrieval
-from tests.conftest import tiny_train_val
+from components.models.spec import NetSpec
+from components.training.jobs import LabelledImages, Optimisation, RetrievalJob, RetrievalValSet
+from components.training.retrieval import train_retrieval
+from tests.conftest import contrastive, random_pairs, tiny_train_val
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +21,7 @@ def test_two_gloo_workers_end_identical_on_disjoint_shards(tmp_path, ray_local):
                            lr_gamma=0.1, train_max_side=(48, 64), hflip=True, seed=0),
         train=LabelledImages([u for u, _ in train], [l for _, l in train]),
         retrieval_val=RetrievalValSet([u for u, _ in val], [l - 4 for _, l in val], [i % 6 < 2 for i in range(len(val))]),
-        pos_margin=0.1, neg_margin=1.5, pos_pairs_per_class=4, neg_pairs_per_class=4, redraw_every=1,
+        criterion=contrastive(0.1, 1.5), sampler=random_pairs(4, 4, 1),
         audit_dir=str(tmp_path / "audit"),
     )
     out = run_training(train_retrieval, job, name="test-ddp", cluster=Cluster(2, 1, False, str(tmp_path / "ray")),

@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 from components.distributed import Cluster, run_training
-from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalJob, RetrievalValSet
-from tests.conftest import TINY_PARAMS, dvc, git_commit_all, set_params, stop_group, tiny_sample, tiny_train_val, tool_env
+from components.models.spec import NetSpec
+from components.training.jobs import LabelledImages, Optimisation, RetrievalJob, RetrievalValSet
+from tests.conftest import (TINY_PARAMS, contrastive, dvc, git_commit_all, random_pairs, set_params, stop_group, tiny_sample,
+                            tiny_train_val, tool_env)
 from tests.fault_loops import KILL_IN_EPOCH, loop_killed_once
 
 pytestmark = pytest.mark.slow
@@ -30,7 +32,7 @@ def test_worker_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path, ray_
                            lr_gamma=0.1, train_max_side=(48, 64), hflip=True, seed=0),
         train=LabelledImages([u for u, _ in train], [l for _, l in train]),
         retrieval_val=RetrievalValSet([u for u, _ in val], [l - 4 for _, l in val], [i % 6 < 2 for i in range(len(val))]),
-        pos_margin=0.1, neg_margin=1.5, pos_pairs_per_class=4, neg_pairs_per_class=4, redraw_every=1,
+        criterion=contrastive(0.1, 1.5), sampler=random_pairs(4, 4, 1),
         audit_dir=str(tmp_path / "audit"),
     )
     out = run_training(loop_killed_once, job, name="test-kill", output_dir=tmp_path / "model",

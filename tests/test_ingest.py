@@ -262,7 +262,10 @@ def test_atomic_write_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
 
 MINIMAL_TRAINING = """
 classify: {epochs: 1, batch_size: 4, lr: 0.01, train_max_side: [64, 96]}
-retrieval: {epochs: 1, batch_size: 4, lr: 0.001, train_max_side: [64, 96], pos_margin: 0.0, neg_margin: 0.7}
+retrieval:
+  {epochs: 1, batch_size: 4, lr: 0.001, train_max_side: [64, 96],
+   criterion: {name: double_margin_contrastive, args: {pos_margin: 0.0, neg_margin: 0.7, squared: true}},
+   sampler: {name: random_pairs, args: {pos_per_class: 2, neg_per_class: 2, redraw_every: 5}}}
 """
 
 

@@ -6,6 +6,7 @@ import torch
 
 from components.losses.classification import balanced_class_weights
 from components.losses.contrastive import ContrastiveLoss, DoubleMarginContrastiveLoss, double_margin_contrastive
+from tests.conftest import on_pairs
 
 A = torch.tensor([[1.0, 0.0]])
 B = torch.tensor([[0.0, 1.0]])  # ‖A − B‖ = √2
@@ -36,11 +37,11 @@ def test_batch_loss_is_the_mean_of_pair_losses():
 
 def test_single_margin_is_double_margin_with_zero_pos_margin():
     a, b, y = torch.randn(8, 4), torch.randn(8, 4), torch.randint(0, 2, (8,))
-    assert ContrastiveLoss(1.0)(a, b, y).item() == pytest.approx(DoubleMarginContrastiveLoss(0.0, 1.0)(a, b, y).item())
+    assert on_pairs(ContrastiveLoss(1.0), a, b, y).item() == pytest.approx(on_pairs(DoubleMarginContrastiveLoss(0.0, 1.0), a, b, y).item())
     # the single-margin loss still pulls a positive pair that the double-margin loss leaves alone
     close = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.95, 0.3122]])
-    assert ContrastiveLoss(1.0)(*close, torch.tensor([1])).item() > 0
-    assert DoubleMarginContrastiveLoss(0.5, 1.0)(*close, torch.tensor([1])).item() == 0
+    assert on_pairs(ContrastiveLoss(1.0), *close, torch.tensor([1])).item() > 0
+    assert on_pairs(DoubleMarginContrastiveLoss(0.5, 1.0), *close, torch.tensor([1])).item() == 0
 
 
 @pytest.mark.parametrize("y, closer", [(1, True), (0, False)])

@@ -7,6 +7,7 @@ from torch.nn import functional as F
 from components.losses.contrastive import ContrastiveLoss, DoubleMarginContrastiveLoss, double_margin_contrastive
 from components.losses.triplet import BatchHardTripletLoss, TripletLoss, batch_hard_triplet_loss, triplet_margin_loss
 from components.losses.verification import NegativeRatioSchedule, SiameseIdVerLoss, VerificationHead, square_difference
+from tests.conftest import on_pairs
 
 A = torch.tensor([[1.0, 0.0]])
 B = torch.tensor([[0.0, 1.0]])  # ‖A − B‖ = √2
@@ -24,16 +25,16 @@ def test_plain_contrastive_hand_computed():
 def test_plain_vs_squared_contrastive():
     # hinge 0.914 < 1: squaring shrinks it (0.417893 < 0.457107); hinge 2.586 > 1: squaring grows it
     y = torch.tensor([1])
-    assert DoubleMarginContrastiveLoss(0.5, 2.0)(A, B, y) < DoubleMarginContrastiveLoss(0.5, 2.0, squared=False)(A, B, y)
+    assert on_pairs(DoubleMarginContrastiveLoss(0.5, 2.0), A, B, y) < on_pairs(DoubleMarginContrastiveLoss(0.5, 2.0, squared=False), A, B, y)
     far = torch.tensor([[4.0, 0.0]])  # d(far, B) = √17 ≈ 4.123, hinge over m₊ = 0 is 4.123
-    assert ContrastiveLoss(5.0)(far, B, y).item() == pytest.approx(0.5 * 17, rel=1e-6)
-    assert ContrastiveLoss(5.0, squared=False)(far, B, y).item() == pytest.approx(0.5 * math.sqrt(17), rel=1e-6)
+    assert on_pairs(ContrastiveLoss(5.0), far, B, y).item() == pytest.approx(0.5 * 17, rel=1e-6)
+    assert on_pairs(ContrastiveLoss(5.0, squared=False), far, B, y).item() == pytest.approx(0.5 * math.sqrt(17), rel=1e-6)
 
 
 def test_default_stays_squared():
     a, b, y = torch.randn(6, 3), torch.randn(6, 3), torch.randint(0, 2, (6,))
-    assert DoubleMarginContrastiveLoss(0.2, 1.0)(a, b, y) == double_margin_contrastive(a, b, y, 0.2, 1.0, squared=True)
-    assert ContrastiveLoss(1.0)(a, b, y) == double_margin_contrastive(a, b, y, 0.0, 1.0, squared=True)
+    assert on_pairs(DoubleMarginContrastiveLoss(0.2, 1.0), a, b, y) == double_margin_contrastive(a, b, y, 0.2, 1.0, squared=True)
+    assert on_pairs(ContrastiveLoss(1.0), a, b, y) == double_margin_contrastive(a, b, y, 0.0, 1.0, squared=True)
 
 
 @pytest.mark.parametrize("y, closer", [(1, True), (0, False)])
@@ -124,32 +125,32 @@ def _zeroed(loss: SiameseIdVerLoss) -> SiameseIdVerLoss:
 
 def test_siamese_loss_hand_computed_with_zero_weights():
     # all logits 0: CE over 2 classes = ln 2, over 3 classes = ln 3 → 1·ln 2 + 0.5·(ln 3 + ln 3) = ln 6
-    loss = _zeroed(SiameseIdVerLoss(dim=4, num_classes=3))
+    loss = _zeroed(SiameseIdVerLoss(embedding_size=4, num_classes=3))
     f1, f2 = torch.randn(5, 4), torch.randn(5, 4)
-    value = loss(f1, f2, torch.randint(0, 2, (5,)), torch.randint(0, 3, (5,)), torch.randint(0, 3, (5,)))
+    value = on_pairs(loss, f1, f2, torch.randint(0, 2, (5,)), torch.randint(0, 3, (5,)), torch.randint(0, 3, (5,)))
     assert value.item() == pytest.approx(math.log(6), rel=1e-6)
 
 
 def test_siamese_loss_weights_are_1_05_05():
     torch.manual_seed(0)
-    loss = SiameseIdVerLoss(dim=4, num_classes=3)
+    loss = SiameseIdVerLoss(embedding_size=4, num_classes=3)
     f1, f2, y, c1, c2 = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([1, 0, 1, 0, 0]), torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 2, 2, 1, 1])
     ver = F.cross_entropy(loss.verification(f1, f2), y)
     id1, id2 = F.cross_entropy(loss.identification(f1), c1), F.cross_entropy(loss.identification(f2), c2)
-    assert loss(f1, f2, y, c1, c2).item() == pytest.approx((1.0 * ver + 0.5 * id1 + 0.5 * id2).item(), rel=1e-6)
+    assert on_pairs(loss, f1, f2, y, c1, c2).item() == pytest.approx((1.0 * ver + 0.5 * id1 + 0.5 * id2).item(), rel=1e-6)
     weighted = SiameseIdVerLoss(4, 3, ver_weight=2.0, id_weight=0.0)
     weighted.load_state_dict(loss.state_dict())
-    assert weighted(f1, f2, y, c1, c2).item() == pytest.approx(2.0 * ver.item(), rel=1e-6)
+    assert on_pairs(weighted, f1, f2, y, c1, c2).item() == pytest.approx(2.0 * ver.item(), rel=1e-6)
     assert {n for n, _ in loss.named_parameters()} == {"verification.fc.weight", "verification.fc.bias", "identification.weight", "identification.bias"}
 
 
 @pytest.mark.parametrize("y, closer", [(1, True), (0, False)])
 def test_siamese_gradient_direction(y, closer):
-    loss = _zeroed(SiameseIdVerLoss(dim=2, num_classes=2))  # zero classifier: no identification gradient on f
+    loss = _zeroed(SiameseIdVerLoss(embedding_size=2, num_classes=2))  # zero classifier: no identification gradient on f
     with torch.no_grad():
         loss.verification.fc.weight.copy_(torch.tensor([[1.0, 1.0], [-1.0, -1.0]]))  # "different" logit grows with s
     f1 = torch.tensor([[1.0, 0.0]], requires_grad=True)
-    loss(f1, B, torch.tensor([y]), torch.tensor([0]), torch.tensor([1])).backward()
+    on_pairs(loss, f1, B, torch.tensor([y]), torch.tensor([0]), torch.tensor([1])).backward()
     assert ((f1.detach() - 0.1 * f1.grad - B).norm() < (A - B).norm()) == closer
 
 
@@ -162,3 +163,22 @@ def test_negative_ratio_schedule():
     assert NegativeRatioSchedule(start=2.0, growth=2.0, max_ratio=5.0).ratio(2) == 4.0
     with pytest.raises(ValueError, match="from 1"):
         s.ratio(0)
+
+
+def test_without_indices_a_pair_loss_takes_every_pair_of_the_batch():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 0, 1])
+    pairs = [(0, 1, 1), (0, 2, 0), (1, 2, 0)]  # (i, j, same) of every i < j
+    a, b, y = (torch.tensor(v) for v in zip(*pairs))
+    expected = double_margin_contrastive(x[a], x[b], y, 0.2, 1.0)
+    assert DoubleMarginContrastiveLoss(0.2, 1.0)(x, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_triplet_loss_given_triplets_uses_them_and_pairs_make_triplets():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    labels = torch.tensor([0, 0, 1, 1])
+    triplets = (torch.tensor([0]), torch.tensor([1]), torch.tensor([3]))
+    expected = triplet_margin_loss(x[[0]], x[[1]], x[[3]], margin=0.5)
+    assert BatchHardTripletLoss(0.5)(x, labels, triplets).item() == pytest.approx(expected.item(), rel=1e-6)
+    pairs = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([3]))  # shared anchor 0
+    assert BatchHardTripletLoss(0.5)(x, labels, pairs).item() == pytest.approx(expected.item(), rel=1e-6)

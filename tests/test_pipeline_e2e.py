@@ -21,7 +21,8 @@ TINY = {
     "model": {"image_size": 64, "frozen_stages": 5},
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
     "tune": {"pos_margins": [0.5], "neg_margins": [1.0, 1.2], "epochs_per_trial": 1, "asha": {"enabled": False}},
-    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72], "pos_pairs_per_class": 2, "neg_pairs_per_class": 2},
+    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
+                  "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
 }
 
 
@@ -92,7 +93,8 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     chosen = json.loads((repo / "tune/best_margins.json").read_text())
     assert chosen["val_map"] == pytest.approx(trials["best_val_map"].max())
     meta = json.loads((repo / "models/retrieval/meta.json").read_text())
-    assert (meta["pos_margin"], meta["neg_margin"]) == (chosen["pos_margin"], chosen["neg_margin"])
+    assert (meta["criterion"]["args"]["pos_margin"], meta["criterion"]["args"]["neg_margin"]) == \
+        (chosen["pos_margin"], chosen["neg_margin"])
     assert (repo / "plots/margins.png").read_bytes()[:4] == b"\x89PNG"
     search_seconds = json.loads((repo / "metrics/tune.json").read_text())["search_wall_seconds"]
 
@@ -112,7 +114,8 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     rerun = _dvc(repo, "repro")  # with nothing changed, only the scan runs (it always looks at the source)
     assert re.findall(r"Running stage '(\w+)'", rerun) == ["scan"], "a second repro must rerun nothing but the scan"
 
-    _set_params(repo, {"retrieval": {"pos_margin": 0.6}})  # only the search-off default: the finished search is restored
+    _set_params(repo, {"retrieval": {"criterion": {"name": "double_margin_contrastive",  # only the search-off default:
+                                                "args": {"pos_margin": 0.6, "neg_margin": 1.2, "squared": True}}}})  # search restored
     log = _dvc(repo, "repro")
     assert "Running stage 'tune'" in log and "restoring margin search" in (repo / "logs" / "tune.log").read_text()
     assert json.loads((repo / "tune/best_margins.json").read_text()) == chosen

@@ -1,49 +1,113 @@
-"""The model registry: a registered version loads back through MLflow and embeds images as the checkpoint does,
-its code is logged as source (nothing pickled), and the champion alias moves only to a better version."""
+"""Every registry entry builds from the args params would give it, and params offer exactly the registry's names."""
 
-from pathlib import Path
+import typing
 
-import mlflow
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from pydantic import TypeAdapter
 
-from components.data.transforms import BatchTransform
-from components.models.net import RetrievalNet, load_net, save_checkpoint
-from components.tracking import register_model
+from components.losses import LOSSES
+from components.miners import MINERS
+from components.models.backbones import IMAGENET_WEIGHTS
+from components.models.pooling import POOLINGS
+from components.registry import Registry, Spec
+from components.training.batches import SAMPLERS
+from pipelines.params import Criterion, Miner, ModelParams, ParamsError, RetrievalParams, Sampler, load_params, with_overrides
+
+EXAMPLE_ARGS = {  # what a params file would set for each entry
+    "loss": {
+        "double_margin_contrastive": {"pos_margin": 0.5, "neg_margin": 1.2, "squared": True},
+        "batch_hard_triplet": {"margin": 0.1},
+        "siamese_id_verification": {"ver_weight": 1.0, "id_weight": 0.5},
+        "multi_similarity": {"alpha": 2.0, "beta": 50.0, "base": 0.5},
+        "proxy_anchor": {"margin": 0.1, "alpha": 32.0},
+        "arcface": {"margin": 28.6, "scale": 64.0},
+    },
+    "miner": {
+        "multi_similarity": {"epsilon": 0.1},
+        "batch_hard": {},
+        "triplet_margin": {"margin": 0.2, "type_of_triplets": "semihard"},
+        "pair_margin": {"pos_margin": 0.2, "neg_margin": 0.8},
+    },
+    "sampler": {
+        "random_pairs": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 1},
+        "hard_negative_pairs": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 1, "pool_size": 10},
+        "ratio_pairs": {"pos_per_class": 2, "start": 1.0, "growth": 1.01, "max_ratio": 4.0},
+        "class_balanced": {"classes_per_batch": 2, "images_per_class": 2},
+    },
+}
+SCHEMAS = {"loss": (LOSSES, Criterion), "miner": (MINERS, Miner), "sampler": (SAMPLERS, Sampler)}
 
 
-@pytest.fixture
-def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    net = RetrievalNet.create("tf_efficientnet_lite0", "gem", image_size=64, weights=None).eval()
-    save_checkpoint(tmp_path / "best.pt", net, {"stage": "test"})
-    return tmp_path / "best.pt"
+def _validated(kind: str, name: str) -> Spec:
+    """The entry's example args through the params schema, as a stage would get them."""
+    return TypeAdapter(SCHEMAS[kind][1]).validate_python({"name": name, "args": EXAMPLE_ARGS[kind][name]}).spec()
 
 
-def test_registered_model_loads_as_code_and_embeds_like_the_checkpoint(checkpoint: Path, tmp_path: Path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("registry-test", (tmp_path / "artifacts").as_uri()))
-    images = np.random.default_rng(0).integers(0, 256, size=(2, 50, 70, 3), dtype=np.uint8)
-    outcomes = []
-    for value in (0.5, 0.4, 0.6):  # the alias goes to the first, stays on a worse one, moves to a better one
-        with mlflow.start_run():
-            outcomes.append(register_model(checkpoint=checkpoint, example_image=images[0], name="firesight-test",
-                                           alias="champion", metric="test_map", value=value, tags={"backbone": "lite0"}))
-    assert [(o.version, o.champion) for o in outcomes] == [("1", True), ("2", False), ("3", True)]
-    client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias("firesight-test", "champion").version) == "3"
+@pytest.mark.parametrize("kind", SCHEMAS)
+def test_params_offer_exactly_the_registry_names(kind):
+    registry, union = SCHEMAS[kind]
+    members = typing.get_args(typing.get_args(union)[0])
+    assert {typing.get_args(m.model_fields["name"].annotation)[0] for m in members} == set(registry.names())
+    assert set(EXAMPLE_ARGS[kind]) == set(registry.names())
 
-    local = Path(mlflow.artifacts.download_artifacts("models:/firesight-test@champion", dst_path=str(tmp_path / "dl")))
-    files = {p.name for p in local.rglob("*")}
-    assert "python_model.pkl" not in files and "registry_model.py" in files  # logged as code, never unpickled
 
-    model = mlflow.pyfunc.load_model("models:/firesight-test@champion")
-    got = model.predict(images)
-    net = load_net(checkpoint)
-    batch, = BatchTransform.for_eval(net.meta)([(Image.fromarray(img),) for img in images])
-    with torch.no_grad():
-        expected = net(batch).numpy()
-    assert got.shape == (2, 1280)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+def test_params_offer_exactly_the_poolings():
+    assert set(typing.get_args(ModelParams.model_fields["pooling"].annotation)) == set(POOLINGS.names())
+
+
+EMBEDDINGS = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_builds_from_params_and_scores_a_batch(name):
+    loss = LOSSES.build(_validated("loss", name), num_classes=3, embedding_size=16)
+    embeddings = EMBEDDINGS.clone().requires_grad_(True)
+    value = loss(embeddings, LABELS, None)
+    value.backward()
+    assert torch.isfinite(value) and value.item() > 0 and embeddings.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", MINERS.names())
+def test_every_miner_builds_from_params_and_returns_an_index_tuple(name):
+    mined = MINERS.build(_validated("miner", name))(EMBEDDINGS, LABELS)
+    assert len(mined) in (3, 4) and all(t.dtype == torch.long and t.max() < len(LABELS) for t in mined if len(t))
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_builds_from_params(name):
+    assert callable(SAMPLERS.build(_validated("sampler", name)).batches)
+
+
+@pytest.mark.parametrize("name", POOLINGS.names())
+def test_every_pooling_builds_and_pools(name):
+    assert POOLINGS.build(Spec(name))(torch.rand(2, 8, 5, 5)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("arch", IMAGENET_WEIGHTS.names())
+def test_every_packaged_weights_entry_gives_its_file(arch):
+    assert IMAGENET_WEIGHTS.build(Spec(arch)).is_file()
+
+
+def test_unknown_names_and_args_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown loss 'nope'; expected one of"):
+        LOSSES.build(Spec("nope"))
+    with pytest.raises(TypeError):
+        LOSSES.build(Spec("batch_hard_triplet", {"margn": 0.1}))
+    def thing(x: int, y: int = 0) -> tuple[int, int]:
+        return x, y
+
+    registry = Registry("thing", {"a": thing})
+    assert registry.build(Spec("a", {"x": 1}), y=2, z=3) == (1, 2), "context reaches only the parameters named"
+
+
+def test_params_select_a_pytorch_metric_learning_loss_by_name_and_args():
+    retrieval = load_params("params.yaml").retrieval
+    chosen = with_overrides(retrieval, {"criterion": {"name": "multi_similarity", "args": EXAMPLE_ARGS["loss"]["multi_similarity"]},
+                                        "sampler": {"name": "class_balanced", "args": EXAMPLE_ARGS["sampler"]["class_balanced"]}})
+    assert isinstance(chosen, RetrievalParams) and chosen.criterion.spec() == Spec("multi_similarity", EXAMPLE_ARGS["loss"]["multi_similarity"])
+    with pytest.raises(ParamsError, match="criterion.multi_similarity.args.alpha"):
+        with_overrides(retrieval, {"criterion": {"name": "multi_similarity", "args": {"beta": 50.0, "base": 0.5}}})
+    with pytest.raises(ParamsError, match="pos_margin < neg_margin"):
+        with_overrides(retrieval, {"criterion": {"args": {"pos_margin": 1.3}}})

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.data.splits import SPLIT_COLUMNS, split_classes
+from components.data.contract import SPLIT_COLUMNS, check_splits
+from components.data.splits import split_classes
 from components.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +130,10 @@ split:
   seed: 3
   queries_per_class: 2
 classify: {epochs: 1, batch_size: 4, lr: 0.01, train_max_side: [64, 96]}
-retrieval: {epochs: 1, batch_size: 4, lr: 0.001, train_max_side: [64, 96], pos_margin: 0.0, neg_margin: 0.7}
+retrieval:
+  {epochs: 1, batch_size: 4, lr: 0.001, train_max_side: [64, 96],
+   criterion: {name: double_margin_contrastive, args: {pos_margin: 0.0, neg_margin: 0.7, squared: true}},
+   sampler: {name: random_pairs, args: {pos_per_class: 2, neg_per_class: 2, redraw_every: 5}}}
 """
 
 
@@ -180,3 +184,31 @@ def test_split_stage_without_manifest_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "data/manifest.parquet: no such file (run the ingest stage first)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _splits_table() -> pd.DataFrame:
+    return split_classes(make_manifest({f"c{i}": 8 for i in range(10)}), seed=0, class_ratio=(6, 2, 2), val_classes=None,
+                         test_classes=None, queries_per_class=2, classifier_train_fraction=0.7, min_images_per_class=6).splits
+
+
+def test_the_splits_contract_accepts_a_split_and_gives_each_subset_in_one_order():
+    splits = check_splits(_splits_table().sample(frac=1, random_state=0), "splits.parquet")  # any row order
+    for rows in (splits.train_images(), splits.classifier_train(), splits.val_set(), splits.test_queries(),
+                 splits.test_database()):
+        assert rows[["label", "id"]].equals(rows[["label", "id"]].sort_values(["label", "id"], ignore_index=True))
+    assert len(splits.test_queries()) == 2 * 2 and set(splits.test_database()["role"]) == {"db"}
+    assert len(splits.classifier_train()) + len(splits.classifier_val()) == len(splits.train_images()) == 6 * 8
+    assert splits.train_classes() == sorted(set(splits.train_images()["label"]))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda t: t.drop(columns="role"), "splits.parquet: not a splits table: no column\\(s\\) role"),
+    (lambda t: t.assign(split=t["split"].replace("val", "valid")), "unknown split value\\(s\\) \\['valid'\\]"),
+    (lambda t: t.assign(role=t["role"].where(t["split"] != "test", "train")), "split test have role\\(s\\) \\['train'\\]"),
+    (lambda t: pd.concat([t, t.iloc[:1]]), "is on more than one row"),
+    (lambda t: t.assign(label=t["label"].where(t["split"] != "test", "c0")), "class 'c0' is in more than one of"),
+    (lambda t: t.assign(uri=t["uri"].where(t.index != 3, None)), "missing values in column\\(s\\) uri"),
+])
+def test_the_splits_contract_rejects_a_malformed_table(corrupt, message):
+    with pytest.raises(DataError, match=message):
+        check_splits(corrupt(_splits_table()), "splits.parquet")

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from components.models.spec import NetSpec
 from components.training.context import LocalContext
-from components.training.loops import (LabelledImages, NetSpec, Optimisation, RetrievalJob, RetrievalValSet,
-                                       train_retrieval)
-from tests.conftest import REPO, tiny_train_val
+from components.training.jobs import LabelledImages, Optimisation, RetrievalJob, RetrievalValSet
+from components.training.retrieval import train_retrieval
+from tests.conftest import REPO, contrastive, random_pairs, tiny_train_val
 
 INTERRUPTED_STAGE = """
 from pipelines._runner import run_stage
@@ -46,7 +47,7 @@ TRAINING_STAGE = """
 import pickle
 from pathlib import Path
 from components.distributed import Cluster, run_training
-from components.training.loops import train_retrieval
+from components.training.retrieval import train_retrieval
 from pipelines._runner import run_stage
 
 def stage(params):
@@ -66,7 +67,7 @@ def _job(tmp_path: Path) -> RetrievalJob:
                            lr_gamma=0.1, train_max_side=(48, 64), hflip=True, seed=0),
         train=LabelledImages([u for u, _ in train], [l for _, l in train]),
         retrieval_val=RetrievalValSet([u for u, _ in val], [l - 4 for _, l in val], [i % 6 < 2 for i in range(12)]),
-        pos_margin=0.1, neg_margin=1.5, pos_pairs_per_class=4, neg_pairs_per_class=4, redraw_every=1)
+        criterion=contrastive(0.1, 1.5), sampler=random_pairs(4, 4, 1))
 
 
 def _run(tmp_path: Path, script: str, **env: str) -> subprocess.CompletedProcess:

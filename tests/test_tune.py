@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from components.evaluation.plots import plot_margin_search
-from components.training.loops import LabelledImages, NetSpec, Optimisation, RetrievalJob, RetrievalValSet
+from components.models.spec import NetSpec
+from components.training.jobs import LabelledImages, Optimisation, RetrievalJob, RetrievalValSet
 from pipelines.params import ParamsError, load_params
-from tests.conftest import REPO, tiny_sample
+from tests.conftest import REPO, contrastive, random_pairs, tiny_sample
 from tests.tune_loops import FAILING_POS_MARGIN
 
 SEARCH_DEFAULTS = dict(pos_range=(0.0, 1.0), neg_range=(0.6, 1.6), num_trials=4, epochs_per_trial=1,
@@ -57,11 +58,11 @@ def test_experiment_name_follows_what_changes_results(tmp_path):
     job = RetrievalJob(net=NetSpec("a", "gem", 3.0, 64, None, 0, str(checkpoint)),
                        optim=Optimisation(1, 4, 0.01, 0.9, 0.0, 10, 0.1, (40, 48), True, 0),
                        train=LabelledImages(["x"], [0]), retrieval_val=RetrievalValSet(["y"], [0], [True]),
-                       pos_margin=0.5, neg_margin=1.0, pos_pairs_per_class=2, neg_pairs_per_class=2, redraw_every=1)
+                       criterion=contrastive(0.5, 1.0), sampler=random_pairs(2, 2, 1))
     cluster = Cluster(1, 1)
     name = experiment_name(job, _search(), cluster)
     from dataclasses import replace
-    assert experiment_name(replace(job, pos_margin=0.1, neg_margin=1.9), _search(), cluster) == name
+    assert experiment_name(replace(job, criterion=contrastive(0.1, 1.9)), _search(), cluster) == name
     assert experiment_name(job, _search(epochs_per_trial=2), cluster) != name
     assert experiment_name(job, _search(), Cluster(2, 1)) != name
     checkpoint.write_bytes(b"classifier v2")
@@ -85,7 +86,9 @@ def _params_file(tmp_path: Path, tune: dict, retrieval: dict | None = None) -> P
     ({"epochs_per_trial": 1, "asha": {"enabled": True, "grace_period": 2}}, None, "grace_period \\(2\\) exceeds"),
     ({"search": "bayes"}, None, "tune.search"),
     ({"driver_cpu": 0.5}, None, "tune.driver_cpu: unknown key"),
-    ({}, {"loss": "triplet"}, "retrieval.loss is triplet; set tune.search: off"),
+    ({}, {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
+          "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 2, "images_per_class": 2}}},
+     "retrieval.criterion is batch_hard_triplet; set tune.search: off"),
 ])
 def test_bad_tune_params_are_named(tmp_path, tune, retrieval, message):
     with pytest.raises(ParamsError, match=message):
@@ -93,7 +96,9 @@ def test_bad_tune_params_are_named(tmp_path, tune, retrieval, message):
 
 
 def test_search_off_with_another_loss_is_valid(tmp_path):
-    assert load_params(_params_file(tmp_path, {"search": "off"}, {"loss": "triplet"})).tune.search == "off"
+    triplet = {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
+               "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 2, "images_per_class": 2}}}
+    assert load_params(_params_file(tmp_path, {"search": "off"}, triplet)).tune.search == "off"
 
 
 def _trial(pos, neg, score, status="finished"):
@@ -118,7 +123,7 @@ def test_margin_figure_without_trials_marks_the_given_margins(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "not found; run the tune stage first"),
     ("{not json", "not a margins file"),
-    (json.dumps({"pos_margin": 1.2, "neg_margin": 1.0}), "needs 0 <= pos_margin < neg_margin"),
+    (json.dumps({"pos_margin": 1.2, "neg_margin": 1.0}), "need 0 <= pos_margin < neg_margin"),
 ])
 def test_retrieval_rejects_a_missing_or_bad_margins_file(tmp_path, monkeypatch, content, message):
     from components.errors import FiresightError
@@ -145,7 +150,7 @@ def _tiny_job(tmp_path: Path) -> RetrievalJob:
         optim=Optimisation(3, 4, 0.01, 0.9, 0.0, 10, 0.1, (40, 48), True, 0),
         train=LabelledImages([u for u, _ in train], [l for _, l in train]),
         retrieval_val=RetrievalValSet([u for u, _ in val], [l for _, l in val], [i % 6 < 2 for i in range(len(val))]),
-        pos_margin=0.0, neg_margin=1.0, pos_pairs_per_class=2, neg_pairs_per_class=2, redraw_every=1,
+        criterion=contrastive(0.0, 1.0), sampler=random_pairs(2, 2, 1),
         audit_dir=str(audit))
 
 

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from components.training.loops import RetrievalJob, train_retrieval
+from components.training.jobs import RetrievalJob
+from components.training.retrieval import train_retrieval
 
 FAILING_POS_MARGIN = 0.6
 
@@ -12,9 +13,9 @@ def recording_loop(job: RetrievalJob, ctx) -> None:
     crashes for m+ = FAILING_POS_MARGIN."""
     if ctx.rank == 0:
         with open(Path(job.audit_dir) / "runs.log", "a") as log:
-            log.write(f"{job.pos_margin} {job.neg_margin}\n")
-    if job.pos_margin == FAILING_POS_MARGIN:
-        raise RuntimeError(f"injected crash for m+ = {job.pos_margin}")
+            log.write(f"{job.criterion.args['pos_margin']} {job.criterion.args['neg_margin']}\n")
+    if job.criterion.args["pos_margin"] == FAILING_POS_MARGIN:
+        raise RuntimeError(f"injected crash for m+ = {job.criterion.args['pos_margin']}")
     train_retrieval(job, ctx)
 
 

@@ -29,11 +29,11 @@ from typing import Any, NamedTuple
 import pandas as pd
 from tqdm import tqdm
 
+from components.data.contract import MANIFEST_COLUMNS
 from components.data.images import BadImage, ImageInfo, probe_image
 from components.data.listing import SourceFile
 from components.errors import DataError
 
-MANIFEST_COLUMNS = ["id", "label", "uri", "width", "height", "format", "bytes"]
 NOT_IN_CLASS_FOLDER = "not inside a class folder"
 _IN_FLIGHT_PER_WORKER = 4  # files submitted ahead per decode worker: keeps it busy, bounds what a crash re-runs
 

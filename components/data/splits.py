@@ -9,10 +9,9 @@ from typing import Any
 
 import pandas as pd
 
+from components.data.contract import ORDER, SPLIT_COLUMNS, Role, Split
 from components.errors import DataError
 
-SPLIT_COLUMNS = ["id", "label", "uri", "split", "role"]
-SPLITS = ("cls_train", "cls_val", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def split_classes(
         raise DataError(f"class_ratio (train, val, test) must be positive, got {tuple(class_ratio)}")
     if any(n is not None and n < 1 for n in (val_classes, test_classes)):
         raise DataError(f"val_classes and test_classes must be >= 1, got {val_classes} and {test_classes}")
-    rows = manifest[["id", "label", "uri"]].sort_values(["label", "id"], ignore_index=True)
+    rows = manifest[["id", "label", "uri"]].sort_values(ORDER, ignore_index=True)
     by_label = {str(label): group for label, group in rows.groupby("label", sort=True)}
     sizes = {label: len(group) for label, group in by_label.items()}
     needed = max(min_images_per_class, queries_per_class + 1, 2)
@@ -80,18 +79,19 @@ def split_classes(
             if group == "train":
                 n_fit = min(max(round(len(cls) * classifier_train_fraction), 1), len(cls) - 1)
                 picked = set(rng.sample(range(len(cls)), n_fit))
-                cls["split"] = ["cls_train" if i in picked else "cls_val" for i in range(len(cls))]
-                cls["role"] = "train"
+                cls["split"] = [Split.CLS_TRAIN if i in picked else Split.CLS_VAL for i in range(len(cls))]
+                cls["role"] = Role.TRAIN
             else:
                 picked = set(rng.sample(range(len(cls)), queries_per_class))
-                cls["split"] = group
-                cls["role"] = ["query" if i in picked else "db" for i in range(len(cls))]
+                cls["split"] = Split(group)
+                cls["role"] = [Role.QUERY if i in picked else Role.DB for i in range(len(cls))]
             parts.append(cls)
-    splits = pd.concat(parts, ignore_index=True).sort_values(["label", "id"], ignore_index=True)[SPLIT_COLUMNS]
+    splits = pd.concat(parts, ignore_index=True).sort_values(ORDER, ignore_index=True)[SPLIT_COLUMNS]
+    splits[["split", "role"]] = splits[["split", "role"]].astype(str)
 
     images = {
         split: {role: int(n) for role, n in splits[splits["split"] == split].groupby("role").size().items()}
-        for split in SPLITS
+        for split in Split
     }
     report = {
         "seed": seed,

@@ -50,11 +50,11 @@ def plot_distance_histograms(series: dict[str, tuple[np.ndarray, np.ndarray]], p
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def plot_margin_search(trials: list[dict], chosen: tuple[float, float], path: Path, title: str,
+def plot_margin_search(trials: list[dict], chosen: tuple[float, float] | None, path: Path, title: str,
                        grid: tuple[list[float], list[float]] | None = None) -> None:
     """Write a PNG of val mAP over (m+, m−): a heat map when the trials form `grid` (m+ values, m− values; cells
     with m+ ≥ m− are not allowed and left blank), else a scatter coloured by val mAP. `trials` are dicts with
-    pos_margin, neg_margin, best_val_map (NaN for a failed trial) and status; `chosen` is marked."""
+    pos_margin, neg_margin, best_val_map (NaN for a failed trial) and status; `chosen` (if any) is marked."""
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -95,7 +95,8 @@ def plot_margin_search(trials: list[dict], chosen: tuple[float, float], path: Pa
             ax.scatter([t["neg_margin"] for t in failed], [t["pos_margin"] for t in failed], marker="x", color="black", label="failed")
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="m+ = m− (not allowed above)")
-        ax.scatter([chosen[1]], [chosen[0]], marker="*", s=300, facecolor="none", edgecolor="red", label="chosen")
+        if chosen is not None:
+            ax.scatter([chosen[1]], [chosen[0]], marker="*", s=300, facecolor="none", edgecolor="red", label="chosen")
         ax.set_xlabel("m− (negative margin)")
         ax.legend(loc="best", fontsize="small")
     if trials:

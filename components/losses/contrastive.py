@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from components.losses.pairs import IndicesTuple, ordered_pairs
+from components.registry import Spec
+
 
 def double_margin_contrastive(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, pos_margin: float, neg_margin: float,
                               squared: bool = True) -> torch.Tensor:
@@ -17,8 +20,7 @@ def double_margin_contrastive(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
     Positive pairs already closer than m₊ and negative pairs farther than m₋ cost nothing. With m₊ = 0 this is
     the classic single-margin contrastive loss, which keeps pulling every positive pair together.
     """
-    if not 0 <= pos_margin < neg_margin:
-        raise ValueError(f"need 0 <= pos_margin < neg_margin, got {pos_margin}, {neg_margin}")
+    check_margins(pos_margin, neg_margin)
     d = (a - b).pow(2).sum(dim=-1).clamp_min(1e-12).sqrt()
     y = y.to(d.dtype)
     pos = (d - pos_margin).clamp_min(0)
@@ -28,13 +30,25 @@ def double_margin_contrastive(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor,
     return 0.5 * (y * pos + (1 - y) * neg).mean()
 
 
+def check_margins(pos_margin: float, neg_margin: float) -> None:
+    """The double margin's one rule: 0 ≤ m₊ < m₋."""
+    if not 0 <= pos_margin < neg_margin:
+        raise ValueError(f"need 0 <= pos_margin < neg_margin, got {pos_margin}, {neg_margin}")
+
+
 class DoubleMarginContrastiveLoss(nn.Module):
+    """`double_margin_contrastive` over the pairs of `indices_tuple` (all pairs of the batch when None)."""
+
     def __init__(self, pos_margin: float, neg_margin: float, squared: bool = True) -> None:
         super().__init__()
+        check_margins(pos_margin, neg_margin)
         self.pos_margin, self.neg_margin, self.squared = pos_margin, neg_margin, squared
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return double_margin_contrastive(a, b, y, self.pos_margin, self.neg_margin, self.squared)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                indices_tuple: IndicesTuple | None = None) -> torch.Tensor:
+        anchors, others, same = ordered_pairs(labels, indices_tuple)
+        return double_margin_contrastive(embeddings[anchors], embeddings[others], same, self.pos_margin,
+                                         self.neg_margin, self.squared)
 
 
 class ContrastiveLoss(DoubleMarginContrastiveLoss):
@@ -42,3 +56,11 @@ class ContrastiveLoss(DoubleMarginContrastiveLoss):
 
     def __init__(self, margin: float, squared: bool = True) -> None:
         super().__init__(0.0, margin, squared)
+
+
+def with_margins(criterion: Spec, pos_margin: float, neg_margin: float) -> Spec:
+    """A double-margin criterion spec with (m₊, m₋) replaced (a margin-search trial's, or the chosen ones)."""
+    if criterion.name != "double_margin_contrastive":
+        raise ValueError(f"margins are the double-margin contrastive loss's, not {criterion.name}'s")
+    check_margins(pos_margin, neg_margin)
+    return Spec(criterion.name, {**criterion.args, "pos_margin": pos_margin, "neg_margin": neg_margin})

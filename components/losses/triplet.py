@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import nn
+
+from components.losses.pairs import IndicesTuple
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -48,9 +51,18 @@ def batch_hard_triplet_loss(descriptors: torch.Tensor, labels: torch.Tensor, mar
 
 
 class BatchHardTripletLoss(nn.Module):
+    """`batch_hard_triplet_loss` of the batch (P×K batches) when `indices_tuple` is None; otherwise the triplet loss
+    of its triplets (pairs are turned into triplets of a shared anchor)."""
+
     def __init__(self, margin: float) -> None:
         super().__init__()
         self.margin = margin
 
-    def forward(self, descriptors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return batch_hard_triplet_loss(descriptors, labels, self.margin)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                indices_tuple: IndicesTuple | None = None) -> torch.Tensor:
+        if indices_tuple is None:
+            return batch_hard_triplet_loss(embeddings, labels, self.margin)
+        a, p, n = lmu.convert_to_triplets(indices_tuple, labels)
+        if len(a) == 0:
+            raise ValueError("no triplet can be formed from the given indices")
+        return triplet_margin_loss(embeddings[a], embeddings[p], embeddings[n], self.margin)

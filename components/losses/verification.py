@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from components.losses.pairs import IndicesTuple, ordered_pairs
+
 
 def square_difference(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
     """The square layer: s = (f1 − f2)², elementwise."""
@@ -27,23 +29,28 @@ class VerificationHead(nn.Module):
 
 
 class SiameseIdVerLoss(nn.Module):
-    """Verification plus identification of both images of a pair:
+    """Verification of each pair plus identification of both of its images:
 
         L = w_ver·CE(V(f1, f2), y) + w_id·(CE(W·f1 + b, c1) + CE(W·f2 + b, c2))
 
-    with V the verification head and W, b an identification classifier over the training classes; both are
-    parameters of the loss and must be given to the optimiser. Defaults are the paper's weights 1 / 0.5 / 0.5.
+    over the pairs (f1, f2) of `indices_tuple` (all pairs of the batch when None), with V the verification head and
+    W, b an identification classifier over the training classes; both are parameters of the loss and must be given
+    to the optimiser. Defaults are the paper's weights 1 / 0.5 / 0.5.
     """
 
-    def __init__(self, dim: int, num_classes: int, ver_weight: float = 1.0, id_weight: float = 0.5) -> None:
+    def __init__(self, embedding_size: int, num_classes: int, ver_weight: float = 1.0, id_weight: float = 0.5) -> None:
         super().__init__()
-        self.verification = VerificationHead(dim)
-        self.identification = nn.Linear(dim, num_classes)
+        self.verification = VerificationHead(embedding_size)
+        self.identification = nn.Linear(embedding_size, num_classes)
         self.ver_weight, self.id_weight = ver_weight, id_weight
 
-    def forward(self, f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-        ver = F.cross_entropy(self.verification(f1, f2), y.long())
-        ident = F.cross_entropy(self.identification(f1), c1.long()) + F.cross_entropy(self.identification(f2), c2.long())
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                indices_tuple: IndicesTuple | None = None) -> torch.Tensor:
+        anchors, others, same = ordered_pairs(labels, indices_tuple)
+        f1, f2 = embeddings[anchors], embeddings[others]
+        ver = F.cross_entropy(self.verification(f1, f2), same.long())
+        ident = (F.cross_entropy(self.identification(f1), labels[anchors].long())
+                 + F.cross_entropy(self.identification(f2), labels[others].long()))
         return self.ver_weight * ver + self.id_weight * ident
 
 

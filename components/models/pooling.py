@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.registry import Registry, Spec
+
 
 class MAC(nn.Module):
     """Maximum activation of convolutions (Tolias et al.): the spatial max of each channel."""
@@ -95,16 +97,9 @@ class RMAC(nn.Module):
         return f"levels={self.levels}, overlap={self.overlap}"
 
 
-POOLINGS = ("mac", "spoc", "gem", "rmac")
+POOLINGS = Registry("pooling", {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC})
 
 
 def make_pooling(name: str, gem_p: float = 3.0) -> nn.Module:
-    if name == "mac":
-        return MAC()
-    if name == "spoc":
-        return SPoC()
-    if name == "gem":
-        return GeM(p=gem_p)
-    if name == "rmac":
-        return RMAC()
-    raise ValueError(f"unknown pooling {name!r}; expected one of {POOLINGS}")
+    """The pooling named `name` (GeM with initial exponent `gem_p`)."""
+    return POOLINGS.build(Spec(name), p=gem_p)

@@ -1,0 +1,66 @@
+"""Stage 2 on a worker: metric learning on the train classes, selecting by val mAP — one loop for every loss,
+sampler and miner: embed the batch, let the miner (if any) choose its pairs or triplets, call the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.evaluation.validation import val_map
+from components.losses import LOSSES
+from components.miners import MINERS
+from components.models.net import RetrievalNet
+from components.training.batches import SAMPLERS, TrainingData
+from components.training.context import WorkerContext
+from components.training.fit import fit, make_optimizer, step
+from components.training.jobs import RetrievalJob
+
+
+class _RetrievalModel(nn.Module):
+    """The net plus the loss's own parameters (heads, proxies), so one optimiser and one DDP wrapper see both."""
+
+    def __init__(self, net: RetrievalNet, loss: nn.Module) -> None:
+        super().__init__()
+        self.net, self.loss = net, loss
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
+    torch.manual_seed(job.optim.seed)
+    net = job.net.build()
+    num_classes = int(np.max(job.train.labels)) + 1
+    criterion = LOSSES.build(job.criterion, num_classes=num_classes, embedding_size=net.meta["dim"])
+    model = _RetrievalModel(net, criterion).to(ctx.device)
+    miner = MINERS.build(job.miner) if job.miner else None
+    sampler = SAMPLERS.build(job.sampler)
+    data = TrainingData(job.train, net, job.optim, ctx, job.eval_batch_size)
+
+    def run_epoch(ddp: nn.Module, epoch: int) -> tuple[float, list[int]]:
+        batches = sampler.batches(epoch, data)
+        losses = []
+        for batch in batches:
+            embeddings = ddp(batch.images.to(ctx.device))
+            labels = batch.labels.to(ctx.device)
+            indices_tuple = (miner(embeddings, labels) if miner else None if batch.indices_tuple is None
+                             else tuple(t.to(ctx.device) for t in batch.indices_tuple))
+            loss = model.loss(embeddings, labels, indices_tuple)
+            step(optimizer, loss)
+            losses.append(loss.item())
+            ctx.progress(epoch, len(losses), len(batches), float(np.mean(losses)))
+        return float(np.mean(losses)), batches.positions
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        return {"val_map": val_map(net, job.retrieval_val, job.eval_batch_size, ctx)}
+
+    optimizer = make_optimizer(model, job.optim)
+    fit(model, net, optimizer, job.optim, ctx, "val_map", run_epoch, evaluate, job.audit_dir,
+        extra_meta={"stage": "retrieval", "criterion": _described(job.criterion), "sampler": _described(job.sampler),
+                    "miner": _described(job.miner) if job.miner else None},
+        first_epoch=0 if job.measure_start else 1)
+
+
+def _described(spec) -> dict:
+    return {"name": spec.name, "args": dict(spec.args)}
