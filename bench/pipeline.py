@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from bench.measure import TreeMemory, goal, measured
+from pipelines.params import merge_overrides, read_overrides
 
 GOAL_NOOP_SECONDS = 15.0
 FULL_DATA_CONFIG = Path("configs/caltech101-full.yaml")
@@ -75,8 +76,9 @@ class RepoCopy:
 
 def pipeline_params(full_data: bool, overrides: dict[str, dict]) -> dict[str, Any]:
     """params.yaml (or the full Caltech-101 config, its source made absolute) with `overrides` merged in."""
-    params = yaml.safe_load((FULL_DATA_CONFIG if full_data else Path("params.yaml")).read_text())
+    params = yaml.safe_load(Path("params.yaml").read_text())
     if full_data:
+        params = merge_overrides(params, read_overrides(FULL_DATA_CONFIG))
         params["ingest"]["source"] = str(Path(params["ingest"]["source"]).resolve())
     for section, values in overrides.items():
         params[section] = {**params[section], **values}

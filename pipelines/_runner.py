@@ -1,4 +1,5 @@
-"""Common entry for stage modules: load params, run the stage, say in one line how it went.
+"""Common entry for stage modules: load params, run the stage on the keys dvc.yaml declares for it (reading any
+other raises; see pipelines/params_view.py), say in one line how it went.
 
 By default the terminal shows Firesight's own progress (a bar per training epoch, the margin search's trials), its
 warnings and one summary line per stage (its time and result: the stage module's last INFO line); everything else
@@ -20,6 +21,7 @@ from pathlib import Path
 from components.errors import FiresightError
 from components.redact import RedactingFilter, redact
 from pipelines.params import Params, load_params
+from pipelines.params_view import restricted_params
 
 LOG_DIR = Path("logs")
 VERBOSE = "FIRESIGHT_VERBOSE"
@@ -28,15 +30,16 @@ OWN_LOGGERS = ("__main__", "components", "pipelines")
 
 
 def run_stage(name: str, stage: Callable[[Params], None]) -> None:
-    """Run `stage` on the params, then one line on the terminal: done (exit 0), a user error (exit 2), interrupted
-    (exit 130) or failed (exit 1, its traceback in the log)."""
+    """Run `stage` on the params dvc.yaml declares for stage `name` (all of them where dvc.yaml or the stage is
+    missing), then one line on the terminal: done (exit 0), a user error (exit 2; an undeclared params key is one),
+    interrupted (exit 130) or failed (exit 1, its traceback in the log)."""
     start = time.perf_counter()
     log_file = _route_output(name)
     result = _LastResult()
     logging.getLogger().addHandler(result)
     where = f" (log: {log_file})" if log_file else ""
     try:
-        stage(load_params())
+        stage(restricted_params(load_params(), name))
     except FiresightError as e:
         _say(f"firesight {name}: error: {e}")
         sys.exit(2)

@@ -1,6 +1,6 @@
 """The paper's ablation on the current split, in one command:
 
-    python -m pipelines.ablation            # after `dvc repro` (uses data/splits.parquet and models/classify)
+    python -m pipelines.ablation [--config configs/caltech101-ablation.yaml]   # after `dvc repro` (its split and classifier)
 
 Rows: off-the-shelf ImageNet; retr-s (single margin, from ImageNet); retr-d (double margin, from ImageNet); cls;
 cls + retr-d; cls + triplet; cls + retr-d + whitening + αQE. Each trained row is a Ray Train job with the
@@ -28,8 +28,9 @@ from components.search.embed import embed_images
 from components.storage import atomic_write_path, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
 from components.training.retrieval import train_retrieval
-from pipelines.common import CLASSIFY_DIR, cluster, git_commit, load_splits, net_spec, stopwatch
+from pipelines.common import cluster, git_commit, load_splits, net_spec, stopwatch
 from pipelines.params import DEFAULT_PARAMS, Params, WhiteningParams, load_params, with_overrides
+from pipelines.paths import CLASSIFY_DIR
 from pipelines.retrieval import retrieval_job, whitening_step
 
 log = logging.getLogger("ablation")
@@ -147,14 +148,15 @@ def _described(named) -> str:
 
 
 def main(
-    params_file: Path = typer.Option(DEFAULT_PARAMS, "--params", help="params file (its split and classifier must be built)"),
+    config: Path | None = typer.Option(None, "--config", help="an override file of params.yaml (e.g. configs/caltech101-ablation.yaml); "
+                                "its split and classifier must be built"),
     output: Path = typer.Option(Path("docs/ablation.md"), help="markdown table (a .json beside it)"),
     qe_k: int = typer.Option(5, help="αQE neighbours for the last row"),
     qe_alpha: float = typer.Option(3.0, help="αQE exponent"),
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ablation %(levelname)s %(message)s")
     try:
-        run(load_params(params_file), output, qe_k, qe_alpha)
+        run(load_params(DEFAULT_PARAMS, config), output, qe_k, qe_alpha)
     except FiresightError as e:
         typer.echo(f"firesight ablation: error: {e}", err=True)
         raise typer.Exit(2) from None

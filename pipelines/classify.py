@@ -5,8 +5,9 @@ from __future__ import annotations
 from components.training.classify import train_classifier
 from components.training.jobs import ClassifyJob
 from pipelines._runner import run_stage
-from pipelines.common import CLASSIFY_DIR, labelled, load_splits, net_spec, optimisation, train_and_track, val_set
+from pipelines.common import labelled, load_splits, net_spec, optimisation, train_and_track, val_set
 from pipelines.params import Params
+from pipelines.paths import CLASSIFY_DIR
 
 
 def main(params: Params) -> None:

@@ -26,17 +26,8 @@ from components.storage import is_remote, read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
 from components.training.jobs import LabelledImages, Optimisation, RetrievalValSet
 from pipelines.params import ModelParams, Params, RayParams, _TrainParams
+from pipelines.paths import METRICS_DIR, SPLITS
 
-MANIFEST = Path("data/manifest.parquet")
-SPLITS = Path("data/splits.parquet")
-CLASSIFY_DIR = Path("models/classify")
-RETRIEVAL_DIR = Path("models/retrieval")
-BEST_MARGINS = Path("tune/best_margins.json")  # the tune stage's choice of (m+, m−), read by retrieval
-TRIALS_TABLE = Path("tune/trials.csv")
-MARGIN_PLOT = Path("plots/margins.png")
-INDEX_DIR = Path("index")
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
 
 
 def load_splits() -> Splits:

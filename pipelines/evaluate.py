@@ -19,12 +19,11 @@ from components.search.embed import embed_images
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
-from pipelines.common import (INDEX_DIR, MANIFEST, PLOTS_DIR, RETRIEVAL_DIR, git_commit, load_splits,
-                              manifest_digest, net_spec, params_dict, stopwatch)
+from pipelines.common import git_commit, load_splits, manifest_digest, net_spec, params_dict, stopwatch
 from pipelines.params import Params
+from pipelines.paths import INDEX_DIR, MANIFEST, METRICS_FILE, PLOTS_DIR, RETRIEVAL_DIR
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
 EXAMPLE_SIDE = 64  # the registered model's input example: one test image shrunk to this longer side
 
 

@@ -14,8 +14,9 @@ from components.search.postprocess import database_augmentation
 from components.storage import atomic_write_path, write_json, write_parquet
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
-from pipelines.common import INDEX_DIR, METRICS_DIR, RETRIEVAL_DIR, load_splits, stopwatch
+from pipelines.common import load_splits, stopwatch
 from pipelines.params import IndexParams, Params
+from pipelines.paths import INDEX_DIR, METRICS_DIR, RETRIEVAL_DIR
 
 log = logging.getLogger(__name__)
 

@@ -4,17 +4,14 @@ data/manifest.parquet, data/ingest_report.json (with what the listing left out, 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from components.data.ingest import ingest
 from components.data.listing import sources
 from components.storage import read_json, read_parquet, write_json, write_parquet
 from pipelines._runner import run_stage
 from pipelines.params import Params
-from pipelines.scan import LISTING, LISTING_REPORT
+from pipelines.paths import INGEST_REPORT, LISTING, LISTING_REPORT, MANIFEST
 
-MANIFEST = Path("data/manifest.parquet")
-REPORT = Path("data/ingest_report.json")
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +32,7 @@ def run(params: Params) -> None:
     )
     write_parquet(MANIFEST, result.manifest)
     listing = {k: read_json(LISTING_REPORT)[k] for k in ("skipped", "empty_classes", "repeated_rows")}
-    write_json(REPORT, {**result.report, "listing": listing})
+    write_json(INGEST_REPORT, {**result.report, "listing": listing})
     r = result.report
     log.info(
         "kept %d images in %d classes from %s; quarantined %d, duplicates dropped %d, leaks %d (%d files), "
@@ -44,7 +41,7 @@ def run(params: Params) -> None:
         sum(len(d["dropped"]) for d in r["duplicates"]), len(r["leaks"]),
         sum(len(leak["files"]) for leak in r["leaks"]), sum(r["excluded_classes"].values()),
         sum(len(c["left_out"]) for c in r["over_cap"].values()), len(listing["skipped"]),
-        len(listing["empty_classes"]), REPORT,
+        len(listing["empty_classes"]), INGEST_REPORT,
     )
 
 

@@ -1,6 +1,7 @@
 """params.yaml schema: every stage's section, validated on load.
 
-The file is read as YAML 1.2, as DVC reads it: only `true`/`false` are booleans (`search: off` and `use_gpu: no`
+Every value is set in the params file: the schema validates, it sets no defaults. The file is read as YAML 1.2, as
+DVC reads it: only `true`/`false` are booleans (`search: off` and `use_gpu: no`
 stay the words they are), and a key given twice is an error. Values are checked strictly (no `true` for a number,
 no `1.5` for a count, no `.inf`/`.nan`) and every number has finite bounds. A misspelt key or a bad value raises
 `ParamsError` naming the key (e.g. `classify.lrr: unknown key`).
@@ -36,53 +37,53 @@ class _Section(BaseModel):
 
 class IngestParams(_Section):
     source: str = Field(description="folder or s3:// prefix with one sub-folder per class, or a CSV listing with columns path,label")
-    exclude_classes: list[str] = []
-    max_images_per_class: int | None = Field(default=None, ge=1, le=10**7)
-    min_side: int = Field(default=32, ge=1, le=MAX_SIDE)
-    max_file_bytes: int = Field(default=64 * 2**20, ge=1, le=2**34, description="larger files are quarantined unread")
-    max_pixels: int = Field(default=50_000_000, ge=1, le=10**9, description="images with more pixels are quarantined")
-    workers: int = Field(default=2, ge=1, le=256)
-    seed: Seed = 0
+    exclude_classes: list[str]
+    max_images_per_class: int | None = Field(ge=1, le=10**7)
+    min_side: int = Field(ge=1, le=MAX_SIDE)
+    max_file_bytes: int = Field(ge=1, le=2**34, description="larger files are quarantined unread")
+    max_pixels: int = Field(ge=1, le=10**9, description="images with more pixels are quarantined")
+    workers: int = Field(ge=1, le=256)
+    seed: Seed
 
 
 class ClassRatio(_Section):
-    train: float = Field(default=107, gt=0, le=10**6)
-    val: float = Field(default=20, gt=0, le=10**6)
-    test: float = Field(default=40, gt=0, le=10**6)
+    train: float = Field(gt=0, le=10**6)
+    val: float = Field(gt=0, le=10**6)
+    test: float = Field(gt=0, le=10**6)
 
 
 class SplitParams(_Section):
-    seed: Seed = 0
-    class_ratio: ClassRatio = ClassRatio()
-    val_classes: int | None = Field(default=None, ge=1, le=10**6)
-    test_classes: int | None = Field(default=None, ge=1, le=10**6)
-    queries_per_class: int = Field(default=2, ge=1, le=10**4)
-    classifier_train_fraction: float = Field(default=0.7, gt=0, lt=1)
-    min_images_per_class: int = Field(default=6, ge=2, le=10**4)
+    seed: Seed
+    class_ratio: ClassRatio
+    val_classes: int | None = Field(ge=1, le=10**6)
+    test_classes: int | None = Field(ge=1, le=10**6)
+    queries_per_class: int = Field(ge=1, le=10**4)
+    classifier_train_fraction: float = Field(gt=0, lt=1)
+    min_images_per_class: int = Field(ge=2, le=10**4)
 
 
 class ModelParams(_Section):
-    backbone: str = "tf_efficientnet_lite0"
-    weights: str = Field(default="imagenet", description="'imagenet' (packaged offline weights) or a weights file path")
-    pooling: Literal["mac", "spoc", "gem", "rmac"] = Field(default="gem", description="components.models.pooling.POOLINGS")
-    gem_p: float = Field(default=3.0, gt=0, le=100)
-    frozen_stages: int = Field(default=0, ge=0, le=16, description="leading backbone stages kept frozen (stage 0 is the stem)")
-    image_size: int = Field(default=224, ge=32, le=MAX_SIDE, description="longer side of every image at evaluation time")
+    backbone: str
+    weights: str = Field(description="'imagenet' (packaged offline weights) or a weights file path")
+    pooling: Literal["mac", "spoc", "gem", "rmac"] = Field(description="components.models.pooling.POOLINGS")
+    gem_p: float = Field(gt=0, le=100)
+    frozen_stages: int = Field(ge=0, le=16, description="leading backbone stages kept frozen (stage 0 is the stem)")
+    image_size: int = Field(ge=32, le=MAX_SIDE, description="longer side of every image at evaluation time")
 
 
 class _TrainParams(_Section):
     epochs: int = Field(ge=1, le=10**4)
     batch_size: int = Field(ge=1, le=4096)
     lr: float = Field(gt=0, le=10)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=1e-4, ge=0, le=1)
-    lr_step_epochs: int = Field(default=10, ge=1, le=10**4)
-    lr_gamma: float = Field(default=0.1, gt=0, le=1)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0, le=1)
+    lr_step_epochs: int = Field(ge=1, le=10**4)
+    lr_gamma: float = Field(gt=0, le=1)
     train_max_side: tuple[int, int] = Field(description="random resize range of the longer side while training")
-    hflip: bool = True
-    rotation_degrees: float = Field(default=0.0, ge=0, le=45, description="random rotation range (±degrees)")
-    color_jitter: float = Field(default=0.0, ge=0, le=1, description="brightness/contrast/saturation jitter strength")
-    seed: Seed = 0
+    hflip: bool
+    rotation_degrees: float = Field(ge=0, le=45, description="random rotation range (±degrees)")
+    color_jitter: float = Field(ge=0, le=1, description="brightness/contrast/saturation jitter strength")
+    seed: Seed
 
     @model_validator(mode="after")
     def _ordered_range(self):
@@ -93,12 +94,12 @@ class _TrainParams(_Section):
 
 
 class ClassifyParams(_TrainParams):
-    head_lr_multiplier: float = Field(default=10.0, gt=0, le=1000, description="the new linear head's lr = lr × this")
+    head_lr_multiplier: float = Field(gt=0, le=1000, description="the new linear head's lr = lr × this")
 
 
 class WhiteningParams(_Section):
-    enabled: bool = False
-    dim: int | None = Field(default=None, ge=1, le=2**16, description="output dimension (PCA reduction); null keeps all")
+    enabled: bool
+    dim: int | None = Field(ge=1, le=2**16, description="output dimension (PCA reduction); null keeps all")
 
 
 class _Named(_Section):
@@ -242,7 +243,7 @@ class MultiSimilarityMiner(_Named):
 
 class BatchHardMiner(_Named):
     name: Literal["batch_hard"]
-    args: NoArgs = NoArgs()
+    args: NoArgs
 
 
 class TripletMarginMinerArgs(_Section):
@@ -270,12 +271,12 @@ Miner = Annotated[MultiSimilarityMiner | BatchHardMiner | TripletMarginMiner | P
 
 
 class RetrievalParams(_TrainParams):
-    init: Literal["classifier", "imagenet"] = Field(default="classifier", description="start from the best classifier or ImageNet")
+    init: Literal["classifier", "imagenet"] = Field(description="start from the best classifier or ImageNet")
     criterion: Criterion = Field(description="the loss, from components.losses.LOSSES")
     sampler: Sampler = Field(description="how batches are drawn, from components.training.batches.SAMPLERS")
-    miner: Miner | None = Field(default=None, description="in-batch mining, from components.miners.MINERS; null: "
+    miner: Miner | None = Field(description="in-batch mining, from components.miners.MINERS; null: "
                                                             "the sampler's pairs (or the whole batch)")
-    whitening: WhiteningParams = WhiteningParams()
+    whitening: WhiteningParams
 
     @model_validator(mode="after")
     def _triplets_formable(self):
@@ -288,25 +289,25 @@ MIN_MARGIN_GAP = 0.05  # a random/optuna search draws m− at least this far abo
 
 
 class AshaParams(_Section):
-    enabled: bool = True
-    grace_period: int = Field(default=1, ge=1, le=10**4, description="epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(default=2.0, gt=1, le=100, description="1/reduction_factor of the trials go on at each rung")
+    enabled: bool
+    grace_period: int = Field(ge=1, le=10**4, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(gt=1, le=100, description="1/reduction_factor of the trials go on at each rung")
 
 
 class TuneParams(_Section):
     search: Literal["grid", "random", "optuna", "off"] = Field(
         default="grid", description="off: retrieval uses retrieval.criterion.args' margins as given")
-    pos_margins: list[float] = Field(default=[0.5, 0.7], min_length=1, description="grid values of m+")
-    neg_margins: list[float] = Field(default=[1.0, 1.2], min_length=1, description="grid values of m−")
-    pos_range: tuple[float, float] = Field(default=(0.0, 1.0), description="random/optuna range of m+")
-    neg_range: tuple[float, float] = Field(default=(0.6, 1.6), description="random/optuna range of m−")
-    num_trials: int = Field(default=8, ge=1, le=10**4, description="random/optuna budget (a grid runs all its m+ < m− pairs)")
-    epochs_per_trial: int = Field(default=2, ge=1, le=10**4)
-    workers_per_trial: int = Field(default=1, ge=1, le=1024, description="Ray Train workers of one trial")
-    max_concurrent_trials: int = Field(default=2, ge=1, le=1024)
-    driver_cpus: float = Field(default=0.25, gt=0, le=1, description="CPU held by each trial's driver function")
-    asha: AshaParams = AshaParams()
-    seed: Seed = 0
+    pos_margins: list[float] = Field(min_length=1, description="grid values of m+")
+    neg_margins: list[float] = Field(min_length=1, description="grid values of m−")
+    pos_range: tuple[float, float] = Field(description="random/optuna range of m+")
+    neg_range: tuple[float, float] = Field(description="random/optuna range of m−")
+    num_trials: int = Field(ge=1, le=10**4, description="random/optuna budget (a grid runs all its m+ < m− pairs)")
+    epochs_per_trial: int = Field(ge=1, le=10**4)
+    workers_per_trial: int = Field(ge=1, le=1024, description="Ray Train workers of one trial")
+    max_concurrent_trials: int = Field(ge=1, le=1024)
+    driver_cpus: float = Field(gt=0, le=1, description="CPU held by each trial's driver function")
+    asha: AshaParams
+    seed: Seed
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -328,51 +329,51 @@ class TuneParams(_Section):
 
 
 class RayParams(_Section):
-    address: str | None = Field(default=None, description="a Ray cluster to join (RAY_ADDRESS overrides); "
+    address: str | None = Field(description="a Ray cluster to join (RAY_ADDRESS overrides); "
                                                              "null starts a private local Ray")
-    num_workers: int = Field(default=2, ge=1, le=1024)
-    cpus_per_worker: int = Field(default=1, ge=1, le=1024)
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
-    storage_path: str = ".ray_results"
+    num_workers: int = Field(ge=1, le=1024)
+    cpus_per_worker: int = Field(ge=1, le=1024)
+    use_gpu: Literal["auto", "yes", "no"]
+    storage_path: str
 
 
 class IndexParams(_Section):
-    batch_size: int = Field(default=32, ge=1, le=4096)
-    kind: Literal["flat", "hnsw", "ivfpq"] = Field(default="flat", description="exact, or approximate search")
-    hnsw_m: int = Field(default=32, ge=2, le=1024, description="hnsw: links per node")
-    ef_construction: int = Field(default=40, ge=1, le=10**5, description="hnsw: candidates while building")
-    ef_search: int = Field(default=64, ge=1, le=10**5, description="hnsw: candidates while searching")
-    nlist: int = Field(default=1024, ge=1, le=10**7, description="ivfpq: k-means cells")
-    pq_m: int = Field(default=32, ge=1, le=1024, description="ivfpq: bytes per code (must divide the descriptor dimension)")
-    nprobe: int = Field(default=16, ge=1, le=10**7, description="ivfpq: cells searched per query")
-    dba_k: int = Field(default=0, ge=0, le=10**4, description="database-side augmentation neighbours; 0 = off")
-    dba_alpha: float = Field(default=3.0, ge=0, le=100)
+    batch_size: int = Field(ge=1, le=4096)
+    kind: Literal["flat", "hnsw", "ivfpq"] = Field(description="exact, or approximate search")
+    hnsw_m: int = Field(ge=2, le=1024, description="hnsw: links per node")
+    ef_construction: int = Field(ge=1, le=10**5, description="hnsw: candidates while building")
+    ef_search: int = Field(ge=1, le=10**5, description="hnsw: candidates while searching")
+    nlist: int = Field(ge=1, le=10**7, description="ivfpq: k-means cells")
+    pq_m: int = Field(ge=1, le=1024, description="ivfpq: bytes per code (must divide the descriptor dimension)")
+    nprobe: int = Field(ge=1, le=10**7, description="ivfpq: cells searched per query")
+    dba_k: int = Field(ge=0, le=10**4, description="database-side augmentation neighbours; 0 = off")
+    dba_alpha: float = Field(ge=0, le=100)
 
 
 class EvaluateParams(_Section):
-    cmc_ranks: list[Annotated[int, Field(ge=1, le=10**7)]] = Field(default=[1, 5, 10], min_length=1)
-    qe_k: int = Field(default=0, ge=0, le=10**4, description="αQE neighbours; 0 = off")
-    qe_alpha: float = Field(default=3.0, ge=0, le=100, description="αQE weight exponent; 0 = plain average QE")
-    registered_model: str = "firesight-retriever"
-    champion_alias: str = "champion"
+    cmc_ranks: list[Annotated[int, Field(ge=1, le=10**7)]] = Field(min_length=1)
+    qe_k: int = Field(ge=0, le=10**4, description="αQE neighbours; 0 = off")
+    qe_alpha: float = Field(ge=0, le=100, description="αQE weight exponent; 0 = plain average QE")
+    registered_model: str
+    champion_alias: str
 
 
 class TrackingParams(_Section):
-    uri: str = Field(default="sqlite:///mlflow.db", description="overridden by MLFLOW_TRACKING_URI when set")
-    experiment: str = "firesight"
+    uri: str = Field(description="overridden by MLFLOW_TRACKING_URI when set")
+    experiment: str
 
 
 class Params(_Section):
     ingest: IngestParams
-    split: SplitParams = SplitParams()
-    model: ModelParams = ModelParams()
+    split: SplitParams
+    model: ModelParams
     classify: ClassifyParams
-    tune: TuneParams = TuneParams()
+    tune: TuneParams
     retrieval: RetrievalParams
-    ray: RayParams = RayParams()
-    index: IndexParams = IndexParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    tracking: TrackingParams = TrackingParams()
+    ray: RayParams
+    index: IndexParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
 
 
     @model_validator(mode="after")
@@ -383,22 +384,46 @@ class Params(_Section):
         return self
 
 
-def with_overrides(section: _Section, overrides: dict[str, Any]) -> _Section:
-    """`section` with `overrides` applied and validated again: a mapping merges into the value it overrides, except a
-    `{name, args}` setting (a mapping with `name`), which replaces it whole; any other value replaces."""
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied: a mapping merges into the value it overrides, except a `{name, args}` setting
+    (a mapping with `name`), which replaces it whole; any other value replaces."""
 
-    def merged(base: Any, change: Any) -> Any:
-        if isinstance(base, dict) and isinstance(change, dict) and "name" not in change:
-            return {**base, **{k: merged(base.get(k), v) for k, v in change.items()}}
+    def merged(value: Any, change: Any) -> Any:
+        if isinstance(value, dict) and isinstance(change, dict) and "name" not in change:
+            return {**value, **{k: merged(value.get(k), v) for k, v in change.items()}}
         return change
 
+    return merged(base, overrides)
+
+
+def with_overrides(section: _Section, overrides: dict[str, Any]) -> _Section:
+    """`section` (or the whole `Params`) with `overrides` merged in (`merge_overrides`) and validated again."""
     try:
-        return type(section).model_validate_json(json.dumps(merged(section.model_dump(mode="json"), overrides)))
+        return type(section).model_validate_json(json.dumps(merge_overrides(section.model_dump(mode="json"), overrides)))
     except ValidationError as e:
         raise ParamsError("overrides " + json.dumps(overrides) + ": " + "; ".join(_describe(err) for err in e.errors())) from None
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+def read_overrides(path: Path | str) -> dict[str, Any]:
+    """An override file (configs/*.yaml): only the params keys that differ from params.yaml; `extends: FILE` (a path
+    beside it) applies that override file first."""
+    path = Path(path)
+    try:
+        overrides = read_yaml(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such override file") from None
+    except (OSError, UnicodeDecodeError, YAMLError) as e:
+        raise ParamsError(f"{path}: cannot read: {e}") from None
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{path}: expected a mapping of params sections, got {type(overrides).__name__}")
+    if "extends" in overrides:
+        overrides = dict(overrides)
+        return merge_overrides(read_overrides(path.parent / str(overrides.pop("extends"))), overrides)
+    return overrides
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Path | str | None = None) -> Params:
+    """The params file, validated; with `overrides`, an override file's keys merged in first (`merge_overrides`)."""
     path = Path(path)
     try:
         raw = read_yaml(path.read_text(encoding="utf-8"))
@@ -413,10 +438,13 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}")
+    source = str(path)
+    if overrides is not None:
+        raw, source = merge_overrides(raw, read_overrides(overrides)), f"{path} with {overrides}"
     try:  # JSON mode: strict types that still take YAML's lists for tuples; .inf/.nan reach the finite check
         return Params.model_validate_json(json.dumps(raw, default=str))
     except ValidationError as e:
-        raise ParamsError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+        raise ParamsError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
 
 
 def read_yaml(text: str) -> Any:

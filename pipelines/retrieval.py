@@ -14,9 +14,9 @@ from components.training.context import BEST_MODEL_FILE
 from components.training.jobs import RetrievalJob
 from components.training.retrieval import train_retrieval
 from pipelines._runner import run_stage
-from pipelines.common import (BEST_MARGINS, CLASSIFY_DIR, RETRIEVAL_DIR, fit_whitening, labelled, load_splits, net_spec,
-                              optimisation, train_and_track, val_set)
+from pipelines.common import fit_whitening, labelled, load_splits, net_spec, optimisation, train_and_track, val_set
 from pipelines.params import Params, RetrievalParams
+from pipelines.paths import BEST_MARGINS, CLASSIFY_DIR, RETRIEVAL_DIR
 
 
 def retrieval_job(params: Params, p: RetrievalParams, splits: Splits,

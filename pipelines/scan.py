@@ -5,15 +5,13 @@ image is added, removed or changed — for a folder, a CSV listing or an s3:// p
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from components.data.listing import fingerprint, list_source
 from components.storage import write_json, write_parquet
 from pipelines._runner import run_stage
 from pipelines.params import Params
+from pipelines.paths import LISTING, LISTING_REPORT
 
-LISTING = Path("data/listing.parquet")
-LISTING_REPORT = Path("data/listing_report.json")
 
 log = logging.getLogger(__name__)
 

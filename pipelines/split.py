@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from components.data.splits import split_classes
 from components.errors import FiresightError
 from components.storage import read_parquet, write_json, write_parquet
 from pipelines._runner import run_stage
-from pipelines.ingest import MANIFEST
 from pipelines.params import Params
+from pipelines.paths import MANIFEST, SPLIT_REPORT, SPLITS
 
-SPLITS = Path("data/splits.parquet")
-REPORT = Path("data/split_report.json")
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +32,11 @@ def run(params: Params) -> None:
         min_images_per_class=p.min_images_per_class,
     )
     write_parquet(SPLITS, result.splits)
-    write_json(REPORT, result.report)
+    write_json(SPLIT_REPORT, result.report)
     counts = result.report["class_counts"]
     log.info(
         "classes train/val/test = %d/%d/%d (%d excluded), %d images; report: %s",
-        counts["train"], counts["val"], counts["test"], len(result.report["excluded"]), len(result.splits), REPORT,
+        counts["train"], counts["val"], counts["test"], len(result.report["excluded"]), len(result.splits), SPLIT_REPORT,
     )
 
 

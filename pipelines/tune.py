@@ -19,8 +19,9 @@ from components.storage import atomic_write_path, write_json
 from components.training.retrieval import train_retrieval
 from components.tuning import MarginSearch, TrialOutcome, best_trial, experiment_name, run_margin_search
 from pipelines._runner import run_stage
-from pipelines.common import BEST_MARGINS, MARGIN_PLOT, METRICS_DIR, TRIALS_TABLE, load_splits, params_dict
+from pipelines.common import load_splits, params_dict
 from pipelines.params import MIN_MARGIN_GAP, Params, TuneParams
+from pipelines.paths import BEST_MARGINS, MARGIN_PLOT, METRICS_DIR, TRIALS_TABLE
 from pipelines.retrieval import retrieval_job
 
 

@@ -155,13 +155,20 @@ TINY_PARAMS = {  # a whole `dvc repro` in a few minutes on 2 CPU cores
 }
 
 
-def set_params(repo: Path, changes: dict) -> None:
+def params_with(changes: dict, base: Path = REPO / "params.yaml") -> str:
+    """The YAML of `base` (the committed params.yaml) with each section updated by `changes` (a key given None is
+    removed)."""
     import yaml
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml.safe_load(base.read_text())
     for section, values in changes.items():
         params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        params[section] = {k: v for k, v in params[section].items() if values.get(k, "") is not None}
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    (repo / "params.yaml").write_text(params_with(changes, repo / "params.yaml"))
 
 
 def git_commit_all(repo: Path, message: str) -> None:

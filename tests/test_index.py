@@ -152,7 +152,7 @@ def test_ivfpq_that_cannot_train_raises(clustered, spec, message):
 
 
 def test_index_params_are_validated(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("index:\n", "index:\n  kind: annoy\n", 1)
+    text = (REPO / "params.yaml").read_text().replace("  kind: flat ", "  kind: annoy ", 1)
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match="index.kind"):
         load_params(tmp_path / "params.yaml")

@@ -17,7 +17,7 @@ from components.data.ingest import MANIFEST_COLUMNS, ingest
 from components.data.listing import SourceFile, list_class_folder, read_listing_csv
 from components.errors import DataError
 from components.storage import atomic_write_path, write_json
-from tests.conftest import INGEST_CAPS, REPO, make_image
+from tests.conftest import INGEST_CAPS, REPO, make_image, params_with
 
 
 def build_dataset(root: Path) -> None:
@@ -260,13 +260,6 @@ def test_atomic_write_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert os.listdir(target.parent) == ["a.json"]
 
 
-MINIMAL_TRAINING = """
-classify: {epochs: 1, batch_size: 4, lr: 0.01, train_max_side: [64, 96]}
-retrieval:
-  {epochs: 1, batch_size: 4, lr: 0.001, train_max_side: [64, 96],
-   criterion: {name: double_margin_contrastive, args: {pos_margin: 0.0, neg_margin: 0.7, squared: true}},
-   sampler: {name: random_pairs, args: {pos_per_class: 2, neg_per_class: 2, redraw_every: 5}}}
-"""
 
 
 def run_module(module: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -278,12 +271,12 @@ def run_module(module: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("ingest_section", "message"),
     [
-        ("ingest: {sourc: raw}", "ingest.sourc: unknown key"),
-        ("ingest: {source: nowhere}", "ingest.source: nowhere does not exist"),
+        ({"sourc": "raw"}, "ingest.sourc: unknown key"),
+        ({"source": "nowhere"}, "ingest.source: nowhere does not exist"),
     ],
 )
-def test_ingest_stage_bad_params_exit_2_without_traceback(tmp_path: Path, ingest_section: str, message: str) -> None:
-    (tmp_path / "params.yaml").write_text(ingest_section + "\n" + MINIMAL_TRAINING)
+def test_ingest_stage_bad_params_exit_2_without_traceback(tmp_path: Path, ingest_section: dict, message: str) -> None:
+    (tmp_path / "params.yaml").write_text(params_with({"ingest": ingest_section}))
     proc = run_module("pipelines.scan", tmp_path)  # the first stage: it lists the source
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr

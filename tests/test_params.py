@@ -25,10 +25,36 @@ def _with(tmp_path: Path, section: str, key: str, value: str, text: str = PARAMS
     return path
 
 
-@pytest.mark.parametrize("path", [REPO / "params.yaml", *sorted((REPO / "configs").glob("*.yaml"))],
-                         ids=lambda p: p.name)
-def test_committed_params_files_load(path):
-    load_params(path)
+def test_committed_params_file_loads():
+    load_params(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_override_files_apply_to_params_yaml(config):
+    base, merged = load_params(REPO / "params.yaml"), load_params(REPO / "params.yaml", config)
+    assert merged != base and merged.ingest.source == "../shared/datasets/caltech101"
+
+
+def test_an_override_file_merges_sections_replaces_named_settings_and_extends(tmp_path):
+    (tmp_path / "base.yaml").write_text("retrieval:\n  epochs: 7\n  sampler: {name: class_balanced, args: "
+                                        "{classes_per_batch: 4, images_per_class: 2}}\n")
+    (tmp_path / "more.yaml").write_text("extends: base.yaml\nretrieval: {lr: 0.01}\nray: {num_workers: 1}\n")
+    merged = load_params(REPO / "params.yaml", tmp_path / "more.yaml")
+    base = load_params(REPO / "params.yaml")
+    assert (merged.retrieval.epochs, merged.retrieval.lr, merged.ray.num_workers) == (7, 0.01, 1)
+    assert merged.retrieval.sampler.spec().args == {"classes_per_batch": 4, "images_per_class": 2}
+    assert merged.retrieval.criterion == base.retrieval.criterion and merged.retrieval.momentum == base.retrieval.momentum
+    (tmp_path / "bad.yaml").write_text("retrieval: {epochs: 0}\n")
+    with pytest.raises(ParamsError, match="params.yaml with .*bad.yaml: retrieval.epochs"):
+        load_params(REPO / "params.yaml", tmp_path / "bad.yaml")
+
+
+def test_every_params_key_is_required(tmp_path):
+    """Values come from the params file only: the schema sets no defaults."""
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_TEXT.replace("  lr_gamma: 0.1\n", "", 1))
+    with pytest.raises(ParamsError, match="classify.lr_gamma: required key is missing"):
+        load_params(path)
 
 
 def test_documented_words_stay_words(tmp_path):

@@ -17,6 +17,7 @@ from PIL import Image
 from components.data.contract import SPLIT_COLUMNS, check_splits
 from components.data.splits import split_classes
 from components.errors import DataError
+from tests.conftest import params_with
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULTS = dict(seed=0, class_ratio=(107, 20, 40), val_classes=None, test_classes=None, queries_per_class=2,
@@ -121,20 +122,8 @@ def test_impossible_split_is_a_data_error(sizes: dict, overrides: dict, message:
         split(make_manifest(sizes), **overrides)
 
 
-PARAMS = """
-ingest:
-  source: raw
-  exclude_classes: [BACKGROUND_Google]
-  workers: 2
-split:
-  seed: 3
-  queries_per_class: 2
-classify: {epochs: 1, batch_size: 4, lr: 0.01, train_max_side: [64, 96]}
-retrieval:
-  {epochs: 1, batch_size: 4, lr: 0.001, train_max_side: [64, 96],
-   criterion: {name: double_margin_contrastive, args: {pos_margin: 0.0, neg_margin: 0.7, squared: true}},
-   sampler: {name: random_pairs, args: {pos_per_class: 2, neg_per_class: 2, redraw_every: 5}}}
-"""
+PARAMS = params_with({"ingest": {"source": "raw", "exclude_classes": ["BACKGROUND_Google"], "workers": 2},
+                      "split": {"seed": 3, "queries_per_class": 2}})
 
 
 def run_module(module: str, cwd: Path) -> subprocess.CompletedProcess:

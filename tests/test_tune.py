@@ -83,7 +83,7 @@ def _params_file(tmp_path: Path, tune: dict, retrieval: dict | None = None) -> P
     ({"neg_margins": [1.0, 2.5]}, None, "tune: .*neg_margins must lie in \\[0, 2\\]"),
     ({"search": "random", "pos_range": [1.5, 1.8], "neg_range": [0.5, 1.5]}, None, "leave no m\\+ < m−"),
     ({"neg_range": [1.6, 0.6]}, None, "neg_range must be \\[low, high\\]"),
-    ({"epochs_per_trial": 1, "asha": {"enabled": True, "grace_period": 2}}, None, "grace_period \\(2\\) exceeds"),
+    ({"epochs_per_trial": 1, "asha": {"enabled": True, "grace_period": 2, "reduction_factor": 2}}, None, "grace_period \\(2\\) exceeds"),
     ({"search": "bayes"}, None, "tune.search"),
     ({"driver_cpu": 0.5}, None, "tune.driver_cpu: unknown key"),
     ({}, {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
@@ -127,7 +127,7 @@ def test_margin_figure_without_trials_marks_the_given_margins(tmp_path):
 ])
 def test_retrieval_rejects_a_missing_or_bad_margins_file(tmp_path, monkeypatch, content, message):
     from components.errors import FiresightError
-    from pipelines.common import BEST_MARGINS
+    from pipelines.paths import BEST_MARGINS
     from pipelines.retrieval import chosen_margins
 
     monkeypatch.chdir(tmp_path)
