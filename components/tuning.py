@@ -1,9 +1,12 @@
-"""Ray Tune integration: search the double-margin loss's margins (m+, m−), each trial a Ray Train job.
+"""Ray Tune integration: search any retrieval hyper-parameters by val mAP, each trial a Ray Train job.
 
-A trial is a driver function holding a fraction of a CPU: it launches a TorchTrainer retrieval fine-tune with its
-margins and relays the per-epoch val mAP to Tune through `TuneReportCallback`; ASHA stops trials that trail at a
-rung. The experiment is named after everything that determines its results, so an interrupted search with the same
-inputs is restored (finished trials are kept, unfinished ones resume their Train run from its last checkpoint).
+A search space names params paths (`retrieval.lr`, `retrieval.criterion.args.pos_margin`, ...) with grid values or
+random/optuna ranges. A trial is a driver function holding a fraction of a CPU: it builds the retrieval job for its
+point of the space, launches it as a TorchTrainer fine-tune and relays the per-epoch val mAP to Tune through
+`TuneReportCallback`; ASHA stops trials that trail at a rung. The experiment is named after everything that
+determines its results, so an interrupted search with the same inputs is restored (finished trials are kept,
+unfinished ones resume their Train run from its last checkpoint). The double margin's (m+, m−) is the
+two-dimensional case: m− is declared `above` m+.
 """
 
 from __future__ import annotations
@@ -30,25 +33,25 @@ from ray.tune.search.optuna import OptunaSearch
 from tqdm import tqdm
 
 from components.distributed import Cluster, TrainingFailed, ensure_ray, fit, root_cause, torch_trainer
+from components.search_space import Point, SearchSpace
 from components.storage import arrow_filesystem, is_remote, remove_tree
-from components.losses.contrastive import with_margins
 from components.training.jobs import RetrievalJob
 
 log = logging.getLogger(__name__)
 
 METRIC = "val_map"
+POINT = "point"  # a grid trial's config: {POINT: {path: value, ...}}; a searcher's: {path: value, ...}
+
+JobFactory = Callable[[Point], RetrievalJob]  # the retrieval job with a point's values in place of the params'
 
 
 @dataclass(frozen=True)
-class MarginSearch:
-    """What to search and how: `mode` grid (every m+ < m− pair of the two value lists), random (uniform draws) or
-    optuna (TPE): `num_trials` draws from the two ranges with m− ≥ m+ + `min_gap`."""
+class ParamSearch:
+    """What to search and how: `mode` grid (every point of the space's grid), random (uniform draws) or optuna
+    (TPE): `num_trials` draws from the space's ranges."""
 
     mode: str
-    pos_values: tuple[float, ...]
-    neg_values: tuple[float, ...]
-    pos_range: tuple[float, float]
-    neg_range: tuple[float, float]
+    space: SearchSpace
     num_trials: int
     epochs_per_trial: int
     max_concurrent_trials: int
@@ -56,22 +59,17 @@ class MarginSearch:
     asha_grace_period: int | None  # None: no early stopping
     asha_reduction_factor: float = 2.0
     seed: int = 0
-    min_gap: float = 0.05
 
     def __post_init__(self) -> None:
         if self.mode not in ("grid", "random", "optuna"):
             raise ValueError(f"unknown search mode {self.mode!r}; expected grid, random or optuna")
-        if self.mode == "grid" and not margin_grid(self.pos_values, self.neg_values):
-            raise ValueError(f"no grid pair has m+ < m−: pos {list(self.pos_values)}, neg {list(self.neg_values)}")
-        if self.mode != "grid" and self.pos_range[0] + self.min_gap > self.neg_range[1]:
-            raise ValueError(f"pos range {list(self.pos_range)} and neg range {list(self.neg_range)} leave no m+ < m−")
+        self.space.check(self.mode)
 
 
 @dataclass(frozen=True)
 class TrialOutcome:
     trial_id: str
-    pos_margin: float
-    neg_margin: float
+    point: Point
     status: str  # finished | stopped early | error
     epochs_run: int
     val_map_by_epoch: list[float]
@@ -86,24 +84,26 @@ class TrialOutcome:
         return 1 + self.val_map_by_epoch.index(self.best_val_map) if self.val_map_by_epoch else 0
 
 
-def margin_grid(pos_values: tuple[float, ...], neg_values: tuple[float, ...]) -> list[tuple[float, float]]:
-    """Every (m+, m−) of the two lists with m+ < m−, in list order."""
-    return [(p, n) for p in pos_values for n in neg_values if p < n]
+def reference_point(search: ParamSearch) -> Point:
+    """A fixed point of the space (the first grid point, or the ranges' low corner): the job built for it stands
+    for the search in its name."""
+    return search.space.grid_points()[0] if search.mode == "grid" else search.space.range_corners()[0]
 
 
-def experiment_name(job: RetrievalJob, search: MarginSearch, cluster: Cluster) -> str:
+def experiment_name(job_for: JobFactory, search: ParamSearch, cluster: Cluster) -> str:
     """A name that changes with anything that changes the trials' results: the search, the job (data,
-    optimisation, starting checkpoint's bytes) and the trial width."""
-    job_fields = dataclasses.asdict(dataclasses.replace(job, criterion=with_margins(job.criterion, 0.0, 1.0)))
-    digest = hashlib.sha256(json.dumps([dataclasses.asdict(search), job_fields, cluster.num_workers], sort_keys=True,
-                                       default=str).encode())
+    optimisation, the starting checkpoint's bytes) whatever the searched paths' own params values, and the trial
+    width."""
+    job = job_for(reference_point(search))
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(search), dataclasses.asdict(job), cluster.num_workers],
+                                       sort_keys=True, default=str).encode())
     if job.net.init_checkpoint:
         digest.update(Path(job.net.init_checkpoint).read_bytes())
-    return f"margins-{digest.hexdigest()[:12]}"
+    return f"search-{digest.hexdigest()[:12]}"
 
 
-def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJob, search: MarginSearch, *,
-                      cluster: Cluster, name: str, mlflow_parent: tuple[str, str] | None = None) -> list[TrialOutcome]:
+def run_search(loop: Callable[[RetrievalJob, Any], None], job_for: JobFactory, search: ParamSearch, *,
+               cluster: Cluster, name: str, mlflow_parent: tuple[str, str] | None = None) -> list[TrialOutcome]:
     """Run (or restore and finish) the search named `name`; return every trial's outcome.
 
     `cluster` is one trial's Train job (its workers and storage); `mlflow_parent`: see `search_callbacks`.
@@ -115,15 +115,14 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
     trial_cluster = dataclasses.replace(cluster,  # absolute: trials run in their own folders
                                         storage_path=cluster.storage_path if is_remote(cluster.storage_path) else storage,
                                         reserved_cpus_per_worker=cluster.cpus_per_worker - search.driver_cpus / cluster.num_workers)
-    trial_job = dataclasses.replace(job, optim=dataclasses.replace(job.optim, epochs=search.epochs_per_trial),
-                                    measure_start=False)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, loop=loop, job=trial_job, cluster=trial_cluster, experiment=name),
+        tune.with_parameters(_trial, loop=loop, job_for=job_for, epochs=search.epochs_per_trial, cluster=trial_cluster,
+                             experiment=name),
         {"CPU": search.driver_cpus})
     space, searcher, num_samples = _search_space(search)
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=tune_filesystem):
-        log.info("restoring margin search %s (finished trials are kept)", path)
+        log.info("restoring search %s (finished trials are kept)", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, param_space=space, resume_unfinished=True,
                                    storage_filesystem=tune_filesystem)
     else:
@@ -142,14 +141,14 @@ def run_margin_search(loop: Callable[[RetrievalJob, Any], None], job: RetrievalJ
     saved = tune.ExperimentAnalysis(path, storage_filesystem=tune_filesystem).trials  # a signal stops fit() early; the saved state tells
     ended = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
     if ended < len(saved):
-        raise TrainingFailed(f"margin search {name} interrupted with {ended} of {len(saved)} trials ended; "
+        raise TrainingFailed(f"search {name} interrupted with {ended} of {len(saved)} trials ended; "
                              "run it again to resume (finished trials are kept)")
-    outcomes = [_outcome(r, search.epochs_per_trial) for r in results]
+    outcomes = [_outcome(r, search) for r in results]
     for run in filesystem.get_file_info(FileSelector(storage)):  # the trials' Train runs (checkpoints), all ended
         if run.base_name.startswith(f"{name}-"):
             remove_tree(f"s3://{run.path}" if is_remote(cluster.storage_path) else run.path)
     if all(o.status == "error" for o in outcomes):
-        raise TrainingFailed(f"all {len(outcomes)} margin-search trials failed; first: {outcomes[0].error}")
+        raise TrainingFailed(f"all {len(outcomes)} search trials failed; first: {outcomes[0].error}")
     return outcomes
 
 
@@ -209,38 +208,45 @@ def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome:
     return max(scored, key=lambda o: o.best_val_map)
 
 
-def _trial(config: dict[str, Any], *, loop, job: RetrievalJob, cluster: Cluster, experiment: str) -> None:
-    """One trial: a Ray Train retrieval fine-tune with the trial's margins, reporting each epoch to Tune. Its
-    Train run name is stable, so a restored trial resumes from its last epoch checkpoint."""
+def _trial(config: dict[str, Any], *, loop, job_for: JobFactory, epochs: int, cluster: Cluster, experiment: str) -> None:
+    """One trial: a Ray Train retrieval fine-tune of the trial's point (for `epochs`, without re-measuring the start),
+    reporting each epoch to Tune. Its Train run name is stable, so a restored trial resumes from its last epoch
+    checkpoint."""
     run_name = f"{experiment}-{tune.get_context().get_trial_id()}"
-    pos, neg = trial_margins(config)
-    job = dataclasses.replace(job, criterion=with_margins(job.criterion, pos, neg))
+    job = job_for(trial_point(config))
+    job = dataclasses.replace(job, optim=dataclasses.replace(job.optim, epochs=epochs), measure_start=False)
     fit(torch_trainer(loop, job, run_name=run_name, cluster=cluster, callbacks=[TuneReportCallback()]), run_name)
 
 
-def _search_space(search: MarginSearch) -> tuple[dict[str, Any], Any, int]:
-    """Tune's param space, searcher and number of samples for the mode; m+ < m− holds for every trial."""
+def _search_space(search: ParamSearch) -> tuple[dict[str, Any], Any, int]:
+    """Tune's param space, searcher and number of samples for the mode; every trial keeps the order."""
     if search.mode == "grid":
-        pairs = [list(pair) for pair in margin_grid(search.pos_values, search.neg_values)]
-        return {"margins": tune.grid_search(pairs)}, None, 1
+        return {POINT: tune.grid_search(search.space.grid_points())}, None, 1
     sampler = (optuna.samplers.RandomSampler(seed=search.seed) if search.mode == "random"
                else optuna.samplers.TPESampler(seed=search.seed))
-    return {}, OptunaSearch(space=margin_space(search), metric=METRIC, mode="max", sampler=sampler), search.num_trials
+    return {}, OptunaSearch(space=optuna_space(search), metric=METRIC, mode="max", sampler=sampler), search.num_trials
 
 
-def margin_space(search: MarginSearch) -> Callable[[optuna.Trial], None]:
-    """Optuna define-by-run space over the two ranges: m+ first, then m− drawn at least `min_gap` above it."""
-    pos_lo, pos_hi = search.pos_range
-    neg_lo, neg_hi = search.neg_range
+def optuna_space(search: ParamSearch) -> Callable[[optuna.Trial], None]:
+    """Optuna define-by-run space over the ranges: a dimension that must be above another is drawn after it, from at
+    least `gap` above its value (and the other's range is cut so that room remains)."""
+    ordered = sorted(search.space.dimensions, key=lambda d: d.above is not None)
+    ceiling = {d.above: d.high - d.gap for d in search.space.dimensions if d.above}
 
     def define_by_run(trial: optuna.Trial) -> None:
-        pos = trial.suggest_float("pos_margin", pos_lo, min(pos_hi, neg_hi - search.min_gap))
-        trial.suggest_float("neg_margin", max(neg_lo, pos + search.min_gap), neg_hi)
+        for d in ordered:
+            low, high = d.low, min(d.high, ceiling.get(d.path, math.inf))
+            if d.above:
+                low = max(low, trial.params[d.above] + d.gap)
+            if d.integer:
+                trial.suggest_int(d.path, math.ceil(low), math.floor(high), log=d.log)
+            else:
+                trial.suggest_float(d.path, low, high, log=d.log)
 
     return define_by_run
 
 
-def _scheduler(search: MarginSearch) -> ASHAScheduler | None:
+def _scheduler(search: ParamSearch) -> ASHAScheduler | None:
     if search.asha_grace_period is None:
         return None
     return ASHAScheduler(time_attr="epoch", max_t=search.epochs_per_trial, grace_period=search.asha_grace_period,
@@ -248,25 +254,26 @@ def _scheduler(search: MarginSearch) -> ASHAScheduler | None:
 
 
 def _trial_name(trial) -> str:
-    if "margins" not in trial.config:  # a searcher's trial: its config is only known once the trial starts
+    if POINT not in trial.config:  # a searcher's trial: its config is only known once the trial starts
         return f"trial_{trial.trial_id}"
-    pos, neg = trial_margins(trial.config)
-    return f"m+={pos:g} m-={neg:g}"
+    return " ".join(f"{path.rsplit('.', 1)[-1]}={value:g}" if isinstance(value, (int, float)) else f"{path}={value}"
+                    for path, value in trial_point(trial.config).items())
 
 
-def trial_margins(config: dict[str, Any]) -> tuple[float, float]:
-    """(m+, m−) of a trial's config: a grid pair, or a searcher's two draws."""
-    pos, neg = config["margins"] if "margins" in config else (config["pos_margin"], config["neg_margin"])
-    return float(pos), float(neg)
+def trial_point(config: dict[str, Any]) -> Point:
+    """The params values of a trial's config: a grid point, or a searcher's draws."""
+    return dict(config[POINT]) if POINT in config else dict(config)
 
 
-def _outcome(result, epochs: int) -> TrialOutcome:
+def _outcome(result, search: ParamSearch) -> TrialOutcome:
     frame = result.metrics_dataframe
     rows = [] if frame is None or METRIC not in frame else frame.dropna(subset=[METRIC]).sort_values("epoch").to_dict("records")
     val_maps = [float(r[METRIC]) for r in rows]
-    status = "error" if result.error else "finished" if len(rows) >= epochs else "stopped early"
+    status = "error" if result.error else "finished" if len(rows) >= search.epochs_per_trial else "stopped early"
     error = "" if not result.error else root_cause(result.error)
     if not (config := result.config):  # a trial that never reported: its params.json, local or on S3
         with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
             config = json.loads(f.read())
-    return TrialOutcome(Path(result.path).name, *trial_margins(config), status, len(rows), val_maps, error)
+    point = trial_point(config)
+    return TrialOutcome(Path(result.path).name, {p: point[p] for p in search.space.paths}, status, len(rows), val_maps,
+                        error)

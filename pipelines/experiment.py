@@ -3,8 +3,8 @@
     .venv/bin/python -m pipelines.experiment configs/caltech101-full.yaml [--dry-run]
 
 An override file (configs/*.yaml) holds only the keys that differ from params.yaml; a mapping merges into the
-section it overrides, and a `{name, args}` setting replaces the one it overrides whole. The merged params are
-validated first, then `dvc exp run -n <file stem>` runs with one `--set-param` per overridden value, so DVC records
+section it overrides, and a `{name, args}` setting or a search space replaces the one it overrides whole. The merged
+params are validated first, then `dvc exp run -n <file stem>` runs with one `--set-param` per overridden value, so DVC records
 the experiment next to its baseline (`dvc exp show`). As with any `dvc exp run`, the workspace is left with the
 experiment's params.yaml and outputs: `git checkout params.yaml` (or `dvc exp apply`) goes back.
 """
@@ -19,17 +19,17 @@ from typing import Any
 
 import typer
 
-from pipelines.params import DEFAULT_PARAMS, ParamsError, load_params, read_overrides
+from pipelines.params import DEFAULT_PARAMS, ParamsError, load_params, read_overrides, replaces_whole
 
 
 def set_params(overrides: dict[str, Any], prefix: str = "") -> list[str]:
-    """DVC's `--set-param` values (Hydra overrides) that apply `overrides`: `key=value` per leaf; a `{name, args}`
-    setting sets the name and replaces its args (`~key.args`, then `+key.args=...`)."""
+    """DVC's `--set-param` values (Hydra overrides) that apply `overrides`: `key=value` per leaf; a value that
+    `replaces_whole` is removed and added anew (`~key`, then `+key=...`)."""
     flags = []
     for key, value in overrides.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and "name" in value:
-            flags += [f"{path}.name={_value(value['name'])}", f"~{path}.args", f"+{path}.args={_value(value.get('args', {}))}"]
+        if replaces_whole(value):
+            flags += [f"~{path}", f"+{path}={_value(value)}"]
         elif isinstance(value, dict):
             flags += set_params(value, f"{path}.")
         else:

@@ -21,6 +21,7 @@ from ruamel.yaml.error import YAMLError
 
 from components.errors import FiresightError
 from components.registry import Spec
+from components.search_space import Dimension, SearchSpace
 
 DEFAULT_PARAMS = Path("params.yaml")
 MAX_SIDE = 4096  # pixels: the longest image side any stage resizes to
@@ -285,23 +286,41 @@ class RetrievalParams(_TrainParams):
         return self
 
 
-MIN_MARGIN_GAP = 0.05  # a random/optuna search draws m− at least this far above m+
-
-
 class AshaParams(_Section):
     enabled: bool
     grace_period: int = Field(ge=1, le=10**4, description="epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(gt=1, le=100, description="1/reduction_factor of the trials go on at each rung")
 
 
+class AboveParams(_Section):
+    path: str = Field(description="another searched path this one must exceed")
+    gap: float = Field(ge=0, le=10**6, description="by at least this much")
+
+
+class DimensionParams(_Section):
+    values: list[float | int | str | bool] = Field(min_length=1, description="grid values")
+    range: tuple[float, float] | None = Field(description="random/optuna range [low, high]; null: grid only")
+    log: bool = Field(description="draw on a log scale")
+    integer: bool = Field(description="draw whole numbers")
+    above: AboveParams | None = Field(description="keep this path above another (m− above m+)")
+
+    @model_validator(mode="after")
+    def _range_ordered(self):
+        if self.range is not None and not self.range[0] <= self.range[1]:
+            raise ValueError(f"range must be [low, high], got {list(self.range)}")
+        if self.log and self.range is not None and self.range[0] <= 0:
+            raise ValueError(f"a log-scale range must be positive, got {list(self.range)}")
+        return self
+
+
+SEARCHABLE = "retrieval."  # a trial rebuilds the retrieval job: the paths it can vary
+
+
 class TuneParams(_Section):
     search: Literal["grid", "random", "optuna", "off"] = Field(
-        default="grid", description="off: retrieval uses retrieval.criterion.args' margins as given")
-    pos_margins: list[float] = Field(min_length=1, description="grid values of m+")
-    neg_margins: list[float] = Field(min_length=1, description="grid values of m−")
-    pos_range: tuple[float, float] = Field(description="random/optuna range of m+")
-    neg_range: tuple[float, float] = Field(description="random/optuna range of m−")
-    num_trials: int = Field(ge=1, le=10**4, description="random/optuna budget (a grid runs all its m+ < m− pairs)")
+        description="off: retrieval trains on its params as given")
+    space: dict[str, DimensionParams] = Field(min_length=1, description="the searched params paths (retrieval.*)")
+    num_trials: int = Field(ge=1, le=10**4, description="random/optuna budget (a grid runs all its points)")
     epochs_per_trial: int = Field(ge=1, le=10**4)
     workers_per_trial: int = Field(ge=1, le=1024, description="Ray Train workers of one trial")
     max_concurrent_trials: int = Field(ge=1, le=1024)
@@ -311,21 +330,28 @@ class TuneParams(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        for name in ("pos_margins", "neg_margins", "pos_range", "neg_range"):
-            values = list(getattr(self, name))
-            if not all(0 <= v <= 2 for v in values):
-                raise ValueError(f"{name} must lie in [0, 2] (distances of unit descriptors), got {values}")
-        for name in ("pos_range", "neg_range"):
-            lo, hi = getattr(self, name)
-            if lo > hi:
-                raise ValueError(f"{name} must be [low, high], got {[lo, hi]}")
-        if self.search == "grid" and not any(p < n for p in self.pos_margins for n in self.neg_margins):
-            raise ValueError(f"no grid pair has m+ < m−: pos_margins {self.pos_margins}, neg_margins {self.neg_margins}")
-        if self.search in ("random", "optuna") and self.pos_range[0] + MIN_MARGIN_GAP > self.neg_range[1]:
-            raise ValueError(f"pos_range {list(self.pos_range)} and neg_range {list(self.neg_range)} leave no m+ < m−")
+        for path, dim in self.space.items():
+            if not path.startswith(SEARCHABLE):
+                raise ValueError(f"space: {path}: only {SEARCHABLE}* paths can be searched")
+            if dim.above is not None and dim.above.path not in self.space:
+                raise ValueError(f"space: {path} is above {dim.above.path}, which is not searched")
+            if self.search in ("random", "optuna") and dim.range is None:
+                raise ValueError(f"space: {path}: a {self.search} search needs its range")
         if self.asha.enabled and self.asha.grace_period > self.epochs_per_trial:
             raise ValueError(f"asha.grace_period ({self.asha.grace_period}) exceeds epochs_per_trial ({self.epochs_per_trial})")
         return self
+
+
+def unflatten(point: dict[str, Any]) -> dict[str, Any]:
+    """{"retrieval.lr": 0.1, ...} as nested overrides {"retrieval": {"lr": 0.1}, ...}."""
+    nested: dict[str, Any] = {}
+    for path, value in point.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
 
 
 class RayParams(_Section):
@@ -378,18 +404,41 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _margins_matter(self):
-        if self.tune.search != "off" and self.retrieval.criterion.name != "double_margin_contrastive":
-            raise ValueError(f"tune.search: {self.tune.search} searches contrastive margins, but retrieval.criterion is "
-                             f"{self.retrieval.criterion.name}; set tune.search: off")
+        if self.tune.search == "off":
+            return self
+        space = search_space(self.tune)
+        try:
+            space.check(self.tune.search)
+        except ValueError as e:
+            raise ValueError(f"tune.space: {e}") from None
+        for point in space.grid_points() if self.tune.search == "grid" else space.range_corners():
+            try:  # every trial's values must make valid retrieval params
+                with_overrides(self.retrieval, unflatten(point)["retrieval"])
+            except ParamsError as e:
+                raise ValueError(f"tune.space: the point {point} does not fit retrieval: {e}") from None
         return self
 
 
+def search_space(t: TuneParams) -> SearchSpace:
+    """The tune section's space as components see it."""
+    return SearchSpace(tuple(
+        Dimension(path, tuple(d.values), *(d.range or (None, None)), d.log, d.integer,
+                  d.above.path if d.above else None, d.above.gap if d.above else 0.0)
+        for path, d in t.space.items()))
+
+
+def replaces_whole(change: Any) -> bool:
+    """Whether an override value replaces what it overrides whole: a `{name, args}` setting, or a search space
+    (a mapping keyed by params paths)."""
+    return isinstance(change, dict) and ("name" in change or any("." in str(key) for key in change))
+
+
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `overrides` applied: a mapping merges into the value it overrides, except a `{name, args}` setting
-    (a mapping with `name`), which replaces it whole; any other value replaces."""
+    """`base` with `overrides` applied: a mapping merges into the value it overrides, unless it `replaces_whole`;
+    any other value replaces."""
 
     def merged(value: Any, change: Any) -> Any:
-        if isinstance(value, dict) and isinstance(change, dict) and "name" not in change:
+        if isinstance(value, dict) and isinstance(change, dict) and not replaces_whole(change):
             return {**value, **{k: merged(value.get(k), v) for k, v in change.items()}}
         return change
 
@@ -463,4 +512,6 @@ def _describe(err: dict) -> str:
         return f"{key}: unknown key"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
+    if err["type"] == "value_error":  # a validator's own message names what is wrong
+        return (f"{key}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
     return f"{key}: {err['msg']} (got {err.get('input')!r})"

@@ -6,28 +6,27 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from components.data.contract import URI, Splits
 from components.errors import FiresightError
-from components.losses.contrastive import check_margins, with_margins
 from components.training.context import BEST_MODEL_FILE
 from components.training.jobs import RetrievalJob
 from components.training.retrieval import train_retrieval
 from pipelines._runner import run_stage
 from pipelines.common import fit_whitening, labelled, load_splits, net_spec, optimisation, train_and_track, val_set
-from pipelines.params import Params, RetrievalParams
-from pipelines.paths import BEST_MARGINS, CLASSIFY_DIR, RETRIEVAL_DIR
+from pipelines.params import Params, ParamsError, RetrievalParams, unflatten, with_overrides
+from pipelines.paths import BEST_PARAMS, CLASSIFY_DIR, RETRIEVAL_DIR
 
 
-def retrieval_job(params: Params, p: RetrievalParams, splits: Splits,
-                  margins: tuple[float, float] | None = None) -> RetrievalJob:
-    """The retrieval fine-tune from params; `margins` (m+, m−) replace the double-margin criterion's own."""
+def retrieval_job(params: Params, p: RetrievalParams, splits: Splits) -> RetrievalJob:
+    """The retrieval fine-tune of retrieval params `p` (params.retrieval, or with a search's values)."""
     return RetrievalJob(
         net=net_spec(params.model, init_checkpoint=CLASSIFY_DIR / BEST_MODEL_FILE if p.init == "classifier" else None),
         optim=optimisation(p),
         train=labelled(splits.train_images(), splits.train_classes()),
         retrieval_val=val_set(splits),
-        criterion=with_margins(p.criterion.spec(), *margins) if margins else p.criterion.spec(),
+        criterion=p.criterion.spec(),
         sampler=p.sampler.spec(),
         miner=p.miner.spec() if p.miner else None,
         eval_batch_size=params.index.batch_size,
@@ -46,33 +45,31 @@ def whitening_step(params: Params, p: RetrievalParams, splits: Splits):
     return whiten
 
 
-def chosen_margins() -> tuple[float, float]:
-    """(m+, m−) as the tune stage chose them (searched, or the params' when the search is off)."""
+def chosen_overrides() -> dict[str, Any]:
+    """The retrieval params the tune stage chose ({path: value}; none when the search is off)."""
     try:
-        chosen = json.loads(BEST_MARGINS.read_text())
-        pos, neg = float(chosen["pos_margin"]), float(chosen["neg_margin"])
+        overrides = json.loads(BEST_PARAMS.read_text())["overrides"]
     except FileNotFoundError:
-        raise FiresightError(f"{BEST_MARGINS}: not found; run the tune stage first (dvc repro tune)") from None
+        raise FiresightError(f"{BEST_PARAMS}: not found; run the tune stage first (dvc repro tune)") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise FiresightError(f"{BEST_MARGINS}: not a margins file ({type(e).__name__}: {e})") from None
-    try:
-        check_margins(pos, neg)
-    except ValueError as e:
-        raise FiresightError(f"{BEST_MARGINS}: {e}") from None
-    return pos, neg
+        raise FiresightError(f"{BEST_PARAMS}: not a tune choice ({type(e).__name__}: {e})") from None
+    if not isinstance(overrides, dict) or not all(str(k).startswith("retrieval.") for k in overrides):
+        raise FiresightError(f"{BEST_PARAMS}: overrides must map retrieval.* paths to values, got {overrides!r}")
+    return overrides
 
 
 def main(params: Params) -> None:
     splits = load_splits()
-    p = params.retrieval
-    margins = None
-    if p.criterion.name == "double_margin_contrastive":  # the margins the tune stage chose
-        margins = chosen_margins()
-        logging.getLogger(__name__).info("margins m+=%g m-=%g from %s", *margins, BEST_MARGINS)
-    train_and_track("retrieval", train_retrieval, retrieval_job(params, p, splits, margins), params, RETRIEVAL_DIR,
+    overrides = chosen_overrides()
+    try:
+        p = with_overrides(params.retrieval, unflatten(overrides).get("retrieval", {}))
+    except ParamsError as e:
+        raise FiresightError(f"{BEST_PARAMS}: {e}") from None
+    if overrides:
+        logging.getLogger(__name__).info("tuned %s from %s", ", ".join(f"{k}={v}" for k, v in overrides.items()), BEST_PARAMS)
+    train_and_track("retrieval", train_retrieval, retrieval_job(params, p, splits), params, RETRIEVAL_DIR,
                     select="val_map", after_training=whitening_step(params, p, splits),
-                    extra_params={"margins_used": {"pos": margins[0], "neg": margins[1], "from": str(BEST_MARGINS)}}
-                    if margins else None)
+                    extra_params={"tuned": {**overrides, "from": str(BEST_PARAMS)}} if overrides else None)
 
 
 if __name__ == "__main__":

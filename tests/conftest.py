@@ -233,3 +233,13 @@ def on_pairs(loss, f1, f2, same, c1=None, c2=None):
         c1 = torch.arange(len(same))
         c2 = torch.where(same.bool(), c1, c1 + len(same))
     return loss(torch.cat([f1, f2]), torch.cat([c1, c2]), pair_tuple(same))
+
+
+POS_MARGIN, NEG_MARGIN = "retrieval.criterion.args.pos_margin", "retrieval.criterion.args.neg_margin"
+
+
+def margin_space(pos: list[float], neg: list[float]) -> dict:
+    """tune params searching the double margin's grid pos × neg (m− above m+)."""
+    dim = {"range": None, "log": False, "integer": False}
+    return {"space": {POS_MARGIN: {**dim, "values": pos, "above": None},
+                      NEG_MARGIN: {**dim, "values": neg, "above": {"path": POS_MARGIN, "gap": 0.05}}}}

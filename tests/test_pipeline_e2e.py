@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import tiny_sample
+from tests.conftest import NEG_MARGIN, POS_MARGIN, margin_space, tiny_sample
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ TINY = {
     "ingest": {"source": "data/sample", "min_side": 16},
     "model": {"image_size": 64, "frozen_stages": 5},
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
-    "tune": {"pos_margins": [0.5], "neg_margins": [1.0, 1.2], "epochs_per_trial": 1, "asha": {"enabled": False}},
+    "tune": {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1, "asha": {"enabled": False}},
     "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
                   "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
 }
@@ -88,14 +88,14 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     assert json.loads((repo / "models/retrieval/history.json").read_text())[0]["epoch"] == 0
 
     trials = pd.read_csv(repo / "tune/trials.csv")  # the margin search: 2 grid trials, the best one used
-    assert sorted(zip(trials["pos_margin"], trials["neg_margin"])) == [(0.5, 1.0), (0.5, 1.2)]
+    assert sorted(zip(trials[POS_MARGIN], trials[NEG_MARGIN])) == [(0.5, 1.0), (0.5, 1.2)]
     assert set(trials["status"]) == {"finished"} and trials["best_val_map"].between(0, 1).all()
-    chosen = json.loads((repo / "tune/best_margins.json").read_text())
+    chosen = json.loads((repo / "tune/best_params.json").read_text())
     assert chosen["val_map"] == pytest.approx(trials["best_val_map"].max())
     meta = json.loads((repo / "models/retrieval/meta.json").read_text())
     assert (meta["criterion"]["args"]["pos_margin"], meta["criterion"]["args"]["neg_margin"]) == \
-        (chosen["pos_margin"], chosen["neg_margin"])
-    assert (repo / "plots/margins.png").read_bytes()[:4] == b"\x89PNG"
+        (chosen["overrides"][POS_MARGIN], chosen["overrides"][NEG_MARGIN])
+    assert (repo / "plots/search.png").read_bytes()[:4] == b"\x89PNG"
     search_seconds = json.loads((repo / "metrics/tune.json").read_text())["search_wall_seconds"]
 
     from mlflow import MlflowClient
@@ -108,7 +108,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     runs = client.search_runs([client.get_experiment_by_name("firesight").experiment_id])
     assert {r.data.tags["firesight.stage"] for r in runs} == {"classify", "tune", "tune-trial", "retrieval", "evaluate"}
     tune_run = next(r for r in runs if r.data.tags["firesight.stage"] == "tune")
-    assert tune_run.data.metrics["best_neg_margin"] == pytest.approx(chosen["neg_margin"])
+    assert tune_run.data.metrics[f"best_{NEG_MARGIN}"] == pytest.approx(chosen["overrides"][NEG_MARGIN])
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]) == 2
 
     rerun = _dvc(repo, "repro")  # with nothing changed, only the scan runs (it always looks at the source)
@@ -117,8 +117,8 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     _set_params(repo, {"retrieval": {"criterion": {"name": "double_margin_contrastive",  # only the search-off default:
                                                 "args": {"pos_margin": 0.6, "neg_margin": 1.2, "squared": True}}}})  # search restored
     log = _dvc(repo, "repro")
-    assert "Running stage 'tune'" in log and "restoring margin search" in (repo / "logs" / "tune.log").read_text()
-    assert json.loads((repo / "tune/best_margins.json").read_text()) == chosen
+    assert "Running stage 'tune'" in log and "restoring search" in (repo / "logs" / "tune.log").read_text()
+    assert json.loads((repo / "tune/best_params.json").read_text()) == chosen
     restored = json.loads((repo / "metrics/tune.json").read_text())  # the search's time adds up over invocations
     assert restored["search_wall_seconds"] == pytest.approx(search_seconds + restored["wall_seconds"], abs=0.11)
     assert "Running stage 'retrieval'" in log and "Running stage 'evaluate'" in log

@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_PARAMS, dvc, git_commit_all, mlflow_server, set_params, tiny_sample, tool_env
+from tests.conftest import TINY_PARAMS, dvc, git_commit_all, margin_space, mlflow_server, set_params, tiny_sample, tool_env
 
 pytestmark = pytest.mark.slow
-TUNE = {"pos_margins": [0.5], "neg_margins": [1.0, 1.2], "epochs_per_trial": 1, "asha": {"enabled": False}}
+TUNE = {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1, "asha": {"enabled": False}}
 OUTPUTS = ["data/manifest.parquet", "data/splits.parquet", "models/classify/best.pt", "models/retrieval/best.pt",
-           "tune/best_margins.json", "index/faiss.index", "plots/distances.png"]
+           "tune/best_params.json", "index/faiss.index", "plots/distances.png"]
 
 
 def _keys(s3, bucket: str) -> list[str]:

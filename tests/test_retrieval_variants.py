@@ -64,3 +64,17 @@ def test_retrieval_variant_trains_one_epoch(data, tmp_path, criterion, sampler, 
     meta = read_checkpoint(ctx.latest_checkpoint() / "best.pt")["meta"]
     assert meta["criterion"] == {"name": criterion.name, "args": dict(criterion.args)}
     assert meta["sampler"]["name"] == sampler.name and (meta["miner"] or {}).get("name") == (miner and miner.name)
+
+
+def test_a_job_restored_after_its_last_epoch_reports_its_last_metrics_again(data, tmp_path):
+    """A finished run restarted (its driver was stopped before the last report arrived) trains nothing and says its
+    last epoch's metrics again, so a resumed search trial still reports its val mAP."""
+    train, val = data
+    job = RetrievalJob(net=NetSpec("tf_efficientnet_lite0", "gem", 3.0, 48, None, frozen_stages=6),
+                       optim=Optimisation(1, 4, 0.01, 0.9, 0.0, 10, 0.1, (40, 48), True, 0), train=train,
+                       retrieval_val=val, criterion=DOUBLE_MARGIN, sampler=PAIRS)
+    first = LocalContext(tmp_path / "ckpt")
+    train_retrieval(job, first)
+    again = LocalContext(tmp_path / "ckpt")
+    train_retrieval(job, again)
+    assert again.reports == [first.reports[-1]] and again.steps == []

@@ -50,58 +50,71 @@ def plot_distance_histograms(series: dict[str, tuple[np.ndarray, np.ndarray]], p
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def plot_margin_search(trials: list[dict], chosen: tuple[float, float] | None, path: Path, title: str,
-                       grid: tuple[list[float], list[float]] | None = None) -> None:
-    """Write a PNG of val mAP over (m+, m−): a heat map when the trials form `grid` (m+ values, m− values; cells
-    with m+ ≥ m− are not allowed and left blank), else a scatter coloured by val mAP. `trials` are dicts with
-    pos_margin, neg_margin, best_val_map (NaN for a failed trial) and status; `chosen` (if any) is marked."""
+def plot_search(trials: list[dict], axes: list[str], chosen: dict | None, path: Path, title: str,
+                grid: dict[str, list] | None = None) -> None:
+    """Write a PNG of the search's best val mAP over its params: one axis a curve; two (y = axes[0], x = axes[1], e.g.
+    m+ over m−) a heat map when the trials form `grid` (path → values; a grid point no trial ran, e.g. one with m+ ≥
+    m−, reads "not run"), else a scatter coloured by val mAP — more axes: the first two.
+    `trials` are dicts with each axis path, best_val_map (NaN for a failed trial) and status; `chosen` (a point) is
+    marked."""
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    name = {a: a.rsplit(".", 1)[-1] for a in axes}
     scores = [t["best_val_map"] for t in trials if np.isfinite(t["best_val_map"])]
     norm = {"vmin": min(scores), "vmax": max(scores)} if scores else {"vmin": 0.0, "vmax": 1.0}
-    if grid is not None:
-        pos_values, neg_values = grid
-        cells = np.full((len(pos_values), len(neg_values)), np.nan)
+    image = None
+    if len(axes) == 1:
+        (x,) = axes
+        done = sorted((t for t in trials if np.isfinite(t["best_val_map"])), key=lambda t: t[x])
+        ax.plot([t[x] for t in done], [t["best_val_map"] for t in done], marker="o")
+        if chosen is not None:
+            ax.axvline(chosen[x], color="red", linestyle="--", label="chosen")
+            ax.legend(loc="best", fontsize="small")
+        ax.set_xlabel(name[x])
+        ax.set_ylabel("best val mAP")
+    elif grid is not None and len(axes) == 2:
+        y, x = axes
+        y_values, x_values = grid[y], grid[x]
+        cells = np.full((len(y_values), len(x_values)), np.nan)
+        status = {(t[y], t[x]): t["status"] for t in trials}
         for t in trials:
-            cells[pos_values.index(t["pos_margin"]), neg_values.index(t["neg_margin"])] = t["best_val_map"]
-        ax.set_facecolor("0.92")  # cells without a score: not allowed (m+ ≥ m−) or failed
+            cells[y_values.index(t[y]), x_values.index(t[x])] = t["best_val_map"]
+        ax.set_facecolor("0.92")  # cells without a score: not allowed, not run or failed
         image = ax.imshow(cells, origin="lower", cmap="viridis", aspect="auto", **norm)
-        status = {(t["pos_margin"], t["neg_margin"]): t["status"] for t in trials}
-        for r, pos in enumerate(pos_values):
-            for c, neg in enumerate(neg_values):
+        for r, y_value in enumerate(y_values):
+            for c, x_value in enumerate(x_values):
                 value = cells[r, c]
                 if np.isfinite(value):
-                    label = f"{value:.3f}" + ("*" if status[pos, neg] == "stopped early" else "")
+                    label = f"{value:.3f}" + ("*" if status[y_value, x_value] == "stopped early" else "")
                     dark = image.norm(value) < 0.5
                     ax.text(c, r, label, ha="center", va="center", color="white" if dark else "black")
                 else:
-                    label = "failed" if status.get((pos, neg)) == "error" else "m+ ≥ m−" if pos >= neg else "not run"
+                    label = "failed" if status.get((y_value, x_value)) == "error" else "not run"
                     ax.text(c, r, label, ha="center", va="center", color="0.4", fontsize="small")
-        ax.set_xticks(range(len(neg_values)), [f"{v:g}" for v in neg_values])
-        ax.set_yticks(range(len(pos_values)), [f"{v:g}" for v in pos_values])
-        r, c = pos_values.index(chosen[0]), neg_values.index(chosen[1])
-        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5, label="chosen"))
-        if any(t["status"] == "stopped early" for t in trials):
-            ax.set_xlabel("m− (negative margin)    * stopped early by ASHA")
-        else:
-            ax.set_xlabel("m− (negative margin)")
+        ax.set_xticks(range(len(x_values)), [f"{v:g}" for v in x_values])
+        ax.set_yticks(range(len(y_values)), [f"{v:g}" for v in y_values])
+        if chosen is not None:
+            r, c = y_values.index(chosen[y]), x_values.index(chosen[x])
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5, label="chosen"))
+        stopped = any(t["status"] == "stopped early" for t in trials)
+        ax.set_xlabel(name[x] + ("    * stopped early by ASHA" if stopped else ""))
+        ax.set_ylabel(name[y])
     else:
+        y, x = axes[:2]
         done = [t for t in trials if np.isfinite(t["best_val_map"])]
-        image = ax.scatter([t["neg_margin"] for t in done], [t["pos_margin"] for t in done],
-                           c=[t["best_val_map"] for t in done], cmap="viridis", s=80, **norm)
+        image = ax.scatter([t[x] for t in done], [t[y] for t in done], c=[t["best_val_map"] for t in done],
+                           cmap="viridis", s=80, **norm)
         failed = [t for t in trials if not np.isfinite(t["best_val_map"])]
         if failed:
-            ax.scatter([t["neg_margin"] for t in failed], [t["pos_margin"] for t in failed], marker="x", color="black", label="failed")
-        lo, hi = ax.get_xlim()
-        ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1, label="m+ = m− (not allowed above)")
+            ax.scatter([t[x] for t in failed], [t[y] for t in failed], marker="x", color="black", label="failed")
         if chosen is not None:
-            ax.scatter([chosen[1]], [chosen[0]], marker="*", s=300, facecolor="none", edgecolor="red", label="chosen")
-        ax.set_xlabel("m− (negative margin)")
+            ax.scatter([chosen[x]], [chosen[y]], marker="*", s=300, facecolor="none", edgecolor="red", label="chosen")
+        ax.set_xlabel(name[x])
+        ax.set_ylabel(name[y])
         ax.legend(loc="best", fontsize="small")
-    if trials:
+    if trials and image is not None:
         fig.colorbar(image, ax=ax, label="best val mAP")
-    ax.set_ylabel("m+ (positive margin)")
     ax.set_title(title, fontsize="medium")
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from components.losses.pairs import IndicesTuple, ordered_pairs
-from components.registry import Spec
 
 
 def double_margin_contrastive(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, pos_margin: float, neg_margin: float,
@@ -57,10 +56,3 @@ class ContrastiveLoss(DoubleMarginContrastiveLoss):
     def __init__(self, margin: float, squared: bool = True) -> None:
         super().__init__(0.0, margin, squared)
 
-
-def with_margins(criterion: Spec, pos_margin: float, neg_margin: float) -> Spec:
-    """A double-margin criterion spec with (m₊, m₋) replaced (a margin-search trial's, or the chosen ones)."""
-    if criterion.name != "double_margin_contrastive":
-        raise ValueError(f"margins are the double-margin contrastive loss's, not {criterion.name}'s")
-    check_margins(pos_margin, neg_margin)
-    return Spec(criterion.name, {**criterion.args, "pos_margin": pos_margin, "neg_margin": neg_margin})

@@ -66,6 +66,8 @@ def fit(model: nn.Module, net: RetrievalNet, optimizer: torch.optim.Optimizer, o
         scheduler.load_state_dict(restored["scheduler"])
         tracker.load(restored["tracker"])
         start = restored["epoch"] + 1
+        if start > optim.epochs:  # restored after its last epoch, whose report may never have reached the driver
+            ctx.report(tracker.history[-1], None)
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
     seen_by_epoch: dict[int, list[int]] = {}
     for epoch in range(start, optim.epochs + 1):
