@@ -31,7 +31,7 @@ from components.training.retrieval import train_retrieval
 from pipelines.common import cluster, git_commit, load_splits, net_spec, stopwatch
 from pipelines.params import DEFAULT_PARAMS, Params, WhiteningParams, load_params, with_overrides
 from pipelines.paths import CLASSIFY_DIR
-from pipelines.retrieval import retrieval_job, whitening_step
+from pipelines.retrieval import retrieval_job, starting_nets, whitening_step
 
 log = logging.getLogger("ablation")
 
@@ -76,7 +76,7 @@ def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
                 selection = {}
                 if row.train is not None:
                     p = with_overrides(params.retrieval, row.train)
-                    run_training(train_retrieval, retrieval_job(params, p, splits), name="ablation",
+                    run_training(train_retrieval, retrieval_job(params, p, splits, starting_nets(params)), name="ablation",
                                  cluster=cluster(params.ray), output_dir=model_dir)
                     tracking.mlflow.log_params({f"retrieval.{k}": json.dumps(v) for k, v in row.train.items()})
                     history = json.loads((model_dir / HISTORY_FILE).read_text())

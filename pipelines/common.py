@@ -73,8 +73,10 @@ def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
     weights = None if m.weights == "none" else m.weights
     if weights == "imagenet":
         packaged_imagenet_file(m.backbone)
-    elif weights is not None and not is_remote(weights) and not Path(weights).is_file():
-        raise WeightsError(f"model.weights: file not found: {weights} (Firesight never downloads weights)")
+    elif weights is not None and not is_remote(weights):
+        if not Path(weights).is_file():
+            raise WeightsError(f"model.weights: file not found: {weights} (Firesight never downloads weights)")
+        weights = str(Path(weights).resolve())  # Ray workers may run elsewhere in the tree
     return NetSpec(m.backbone, m.pooling, m.gem_p, m.image_size, weights, m.frozen_stages,
                    str(init_checkpoint.resolve()) if init_checkpoint else None)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from components.data.contract import URI, Splits
 from components.errors import FiresightError
+from components.models.spec import NetSpec
 from components.training.context import BEST_MODEL_FILE
 from components.training.jobs import RetrievalJob
 from components.training.retrieval import train_retrieval
@@ -19,10 +20,18 @@ from pipelines.params import Params, ParamsError, RetrievalParams, unflatten, wi
 from pipelines.paths import BEST_PARAMS, CLASSIFY_DIR, RETRIEVAL_DIR
 
 
-def retrieval_job(params: Params, p: RetrievalParams, splits: Splits) -> RetrievalJob:
-    """The retrieval fine-tune of retrieval params `p` (params.retrieval, or with a search's values)."""
+def starting_nets(params: Params) -> dict[str, NetSpec]:
+    """The network retrieval starts from for each `retrieval.init`, its files resolved here, in the stage (a search's
+    trials run in folders of their own)."""
+    return {"classifier": net_spec(params.model, init_checkpoint=CLASSIFY_DIR / BEST_MODEL_FILE),
+            "imagenet": net_spec(params.model)}
+
+
+def retrieval_job(params: Params, p: RetrievalParams, splits: Splits, nets: dict[str, NetSpec]) -> RetrievalJob:
+    """The retrieval fine-tune of retrieval params `p` (params.retrieval, or with a search's values) from
+    `nets[p.init]` (`starting_nets`)."""
     return RetrievalJob(
-        net=net_spec(params.model, init_checkpoint=CLASSIFY_DIR / BEST_MODEL_FILE if p.init == "classifier" else None),
+        net=nets[p.init],
         optim=optimisation(p),
         train=labelled(splits.train_images(), splits.train_classes()),
         retrieval_val=val_set(splits),
@@ -67,7 +76,8 @@ def main(params: Params) -> None:
         raise FiresightError(f"{BEST_PARAMS}: {e}") from None
     if overrides:
         logging.getLogger(__name__).info("tuned %s from %s", ", ".join(f"{k}={v}" for k, v in overrides.items()), BEST_PARAMS)
-    train_and_track("retrieval", train_retrieval, retrieval_job(params, p, splits), params, RETRIEVAL_DIR,
+    train_and_track("retrieval", train_retrieval, retrieval_job(params, p, splits, starting_nets(params)), params,
+                    RETRIEVAL_DIR,
                     select="val_map", after_training=whitening_step(params, p, splits),
                     extra_params={"tuned": {**overrides, "from": str(BEST_PARAMS)}} if overrides else None)
 

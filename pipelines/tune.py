@@ -26,7 +26,7 @@ from pipelines._runner import run_stage
 from pipelines.common import load_splits, params_dict
 from pipelines.params import Params, TuneParams, search_space, unflatten, with_overrides
 from pipelines.paths import BEST_PARAMS, METRICS_DIR, SEARCH_PLOT, TRIALS_TABLE
-from pipelines.retrieval import retrieval_job
+from pipelines.retrieval import retrieval_job, starting_nets
 
 OUTCOME_COLUMNS = ["status", "epochs_run", "best_val_map", "best_epoch", "val_map_by_epoch", "error"]
 
@@ -38,9 +38,10 @@ def param_search(t: TuneParams) -> ParamSearch:
 
 def job_factory(params: Params, splits: Splits) -> JobFactory:
     """The retrieval job of a point of the space: the retrieval params with the point's values."""
+    nets = starting_nets(params)
 
     def job_for(point: Point) -> RetrievalJob:
-        return retrieval_job(params, with_overrides(params.retrieval, unflatten(point).get("retrieval", {})), splits)
+        return retrieval_job(params, with_overrides(params.retrieval, unflatten(point).get("retrieval", {})), splits, nets)
 
     return job_for
 

@@ -20,7 +20,8 @@ TINY = {
     "ingest": {"source": "data/sample", "min_side": 16},
     "model": {"image_size": 64, "frozen_stages": 5},
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
-    "tune": {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1, "asha": {"enabled": False}},
+    "tune": {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1,
+             "asha": {"enabled": False, "grace_period": 1, "reduction_factor": 2}},
     "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
                   "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
 }

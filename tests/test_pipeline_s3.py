@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import TINY_PARAMS, dvc, git_commit_all, margin_space, mlflow_server, set_params, tiny_sample, tool_env
 
 pytestmark = pytest.mark.slow
-TUNE = {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1, "asha": {"enabled": False}}
+TUNE = {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1,
+        "asha": {"enabled": False, "grace_period": 1, "reduction_factor": 2}}
 OUTPUTS = ["data/manifest.parquet", "data/splits.parquet", "models/classify/best.pt", "models/retrieval/best.pt",
            "tune/best_params.json", "index/faiss.index", "plots/distances.png"]
 
