@@ -20,15 +20,12 @@ from pathlib import Path
 import typer
 
 from components import tracking
-from components.distributed import run_training
 from components.errors import FiresightError
-from components.evaluation.protocol import score_queries
 from components.models.net import RetrievalNet, load_net
-from components.search.embed import embed_images
 from components.storage import atomic_write_path, write_json
-from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
+from components.training.context import BEST_MODEL_FILE
 from components.training.retrieval import train_retrieval
-from pipelines.common import cluster, git_commit, load_splits, net_spec, stopwatch
+from pipelines.common import git_commit, load_splits, net_spec, stopwatch, test_scores, train_logged
 from pipelines.params import DEFAULT_PARAMS, Params, WhiteningParams, load_params, with_overrides
 from pipelines.paths import CLASSIFY_DIR
 from pipelines.retrieval import retrieval_job, starting_nets, whitening_step
@@ -62,8 +59,6 @@ def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
     if not (CLASSIFY_DIR / BEST_MODEL_FILE).is_file():
         raise FiresightError(f"{CLASSIFY_DIR / BEST_MODEL_FILE} is missing: run `dvc repro` first (the ablation uses its split and classifier)")
     splits = load_splits()
-    queries, db = splits.test_queries(), splits.test_database()
-    size, bs = params.model.image_size, params.index.batch_size
     models: dict[str, Path] = {}
     results: list[dict] = []
     workdir = Path(tempfile.mkdtemp(prefix="ablation-", dir="."))
@@ -76,12 +71,9 @@ def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
                 selection = {}
                 if row.train is not None:
                     p = with_overrides(params.retrieval, row.train)
-                    run_training(train_retrieval, retrieval_job(params, p, splits, starting_nets(params)), name="ablation",
-                                 cluster=cluster(params.ray), output_dir=model_dir)
                     tracking.mlflow.log_params({f"retrieval.{k}": json.dumps(v) for k, v in row.train.items()})
-                    history = json.loads((model_dir / HISTORY_FILE).read_text())
-                    tracking.log_history(history)
-                    best = max(history, key=lambda h: h["val_map"])
+                    history, best = train_logged(train_retrieval, retrieval_job(params, p, splits, starting_nets(params)),
+                                                 "ablation", params, model_dir, select="val_map")
                     selection = {"best_epoch": int(best["epoch"]), "val_map_start": history[0]["val_map"],
                                  "val_map_last": history[-1]["val_map"], "val_map_best": best["val_map"]}
                 elif row.start in models:
@@ -89,11 +81,8 @@ def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
                     if row.whitening:
                         whitening_step(params, params.retrieval.model_copy(update={"whitening": WhiteningParams(enabled=True)}), splits)(model_dir)
                 models[row.name] = model_dir / BEST_MODEL_FILE
-                net = _net(row, params, models)
-                _, q_desc = embed_images(net, queries["uri"].tolist(), batch_size=bs, image_size=size)
-                _, db_desc = embed_images(net, db["uri"].tolist(), batch_size=bs, image_size=size, progress=True, desc=row.name)
-                metrics, _ = score_queries(q_desc, queries["label"], db_desc, db["label"],
-                                           ranks=params.evaluate.cmc_ranks, qe_k=qe_k if row.qe else 0, qe_alpha=qe_alpha)
+                metrics, _, _ = test_scores(_net(row, params, models), splits, params, qe_k if row.qe else 0, qe_alpha,
+                                            desc=row.name)
             tracking.mlflow.log_metrics({f"test_{k.replace('@', '_at_')}": float(v) for k, v in metrics.items()})
             results.append({"row": row.name, **metrics, **selection, **timing})
             log.info("%s: mAP %.4f, CMC@1 %.4f (%.0f s)", row.name, metrics["map"], metrics["cmc@1"], timing["wall_seconds"])

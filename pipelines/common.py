@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from components import tracking
@@ -18,7 +19,8 @@ from components.distributed import Cluster, gpu_available, run_training
 from components.data.contract import LABEL, ROLE, URI, Role, Splits, check_splits
 from components.errors import FiresightError, WeightsError
 from components.models.backbones import packaged_imagenet_file
-from components.models.net import load_net, read_checkpoint, save_checkpoint
+from components.evaluation.protocol import score_queries
+from components.models.net import RetrievalNet, load_net, read_checkpoint, save_checkpoint
 from components.models.spec import NetSpec
 from components.models.whitening import fit_pca_whitening
 from components.search.embed import embed_images
@@ -81,8 +83,10 @@ def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
                    str(init_checkpoint.resolve()) if init_checkpoint else None)
 
 
-def cluster(r: RayParams) -> Cluster:
-    return Cluster(r.num_workers, r.cpus_per_worker, gpu_available(r.use_gpu), r.storage_path, address=r.address)
+def cluster(r: RayParams, num_workers: int | None = None) -> Cluster:
+    """The Ray Train job shape of the ray params (`num_workers` replaces theirs, e.g. a search trial's width)."""
+    return Cluster(num_workers or r.num_workers, r.cpus_per_worker, gpu_available(r.use_gpu), r.storage_path,
+                   address=r.address)
 
 
 def git_commit() -> str:
@@ -112,6 +116,31 @@ def params_dict(params: Params, *sections: str) -> dict:
     return {s: getattr(params, s).model_dump(mode="json") for s in sections}
 
 
+def train_logged(loop: Callable, job: Any, name: str, params: Params, model_dir: Path,
+                 select: str) -> tuple[list[dict], dict]:
+    """Run a training loop as a Ray Train job on the params' cluster, writing `model_dir`; log its per-epoch history
+    to the current MLflow run; return the history and its best epoch by `select` (the first best, as the loop's
+    tracker keeps it)."""
+    run_training(loop, job, name=name, cluster=cluster(params.ray), output_dir=model_dir)
+    history = json.loads((model_dir / HISTORY_FILE).read_text())
+    tracking.log_history(history)
+    return history, max(history, key=lambda h: h[select])
+
+
+def test_scores(net: RetrievalNet, splits: Splits, params: Params, qe_k: int = 0, qe_alpha: float = 0.0,
+                desc: str = "test") -> tuple[dict, np.ndarray, np.ndarray]:
+    """mAP and CMC of the test queries searched against the test database (`Splits.test_database()` order), both
+    embedded by `net` at model.image_size; returns (metrics, the queries' descriptors after αQE, the database's)."""
+    queries, db = splits.test_queries(), splits.test_database()
+    size, batch_size = params.model.image_size, params.index.batch_size
+    _, q_desc = embed_images(net, queries[URI].tolist(), batch_size=batch_size, image_size=size, desc=f"{desc} queries")
+    _, db_desc = embed_images(net, db[URI].tolist(), batch_size=batch_size, image_size=size, progress=True,
+                              desc=f"{desc} db")
+    metrics, q_desc = score_queries(q_desc, queries[LABEL], db_desc, db[LABEL], ranks=params.evaluate.cmc_ranks,
+                                    qe_k=qe_k, qe_alpha=qe_alpha)
+    return metrics, q_desc, db_desc
+
+
 def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_dir: Path, select: str,
                     after_training: Callable[[Path], None] | None = None, extra_params: dict | None = None) -> dict:
     """Run a training loop as a Ray Train job inside an MLflow run; write model_dir/{best.pt, history.json,
@@ -121,13 +150,10 @@ def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run(stage, {**params_dict(params, "model", stage, "ray"), **(extra_params or {})}), \
             stopwatch() as timing:
-        run_training(loop, job, name=stage, cluster=cluster(params.ray), output_dir=model_dir)
+        history, best = train_logged(loop, job, stage, params, model_dir, select)
         if after_training is not None:
             after_training(model_dir)
         write_json(model_dir / "meta.json", read_checkpoint(model_dir / BEST_MODEL_FILE)["meta"])
-        history = json.loads((model_dir / HISTORY_FILE).read_text())
-        tracking.log_history(history)
-        best = max(history, key=lambda h: h[select])  # the first best, as the loop's tracker keeps it
         summary = {"best_epoch": int(best["epoch"]), **{k: v for k, v in best.items() if k.startswith("val_")},
                    "val_map_before_training": history[0]["val_map"]}
         tracking.mlflow.log_metrics({f"best_{k}": float(v) for k, v in summary.items()})

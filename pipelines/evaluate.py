@@ -11,6 +11,7 @@ import pandas as pd
 
 from components import tracking
 from components.data.images import load_rgb
+from components.errors import FiresightError
 from components.evaluation.metrics import distance_summary, pair_distances
 from components.evaluation.protocol import score_queries
 from components.evaluation.plots import plot_distance_histograms
@@ -19,7 +20,7 @@ from components.search.embed import embed_images
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
-from pipelines.common import git_commit, load_splits, manifest_digest, net_spec, params_dict, stopwatch
+from pipelines.common import git_commit, load_splits, manifest_digest, net_spec, params_dict, stopwatch, test_scores
 from pipelines.params import Params
 from pipelines.paths import INDEX_DIR, MANIFEST, METRICS_FILE, PLOTS_DIR, RETRIEVAL_DIR
 
@@ -42,11 +43,10 @@ def main(params: Params) -> None:
         finetuned, q_desc = score_queries(q_desc, queries["label"], db_desc, ids["label"], ranks=ranks,
                                           qe_k=params.evaluate.qe_k, qe_alpha=params.evaluate.qe_alpha)
 
-        db_uris = splits.test_database().set_index("id").loc[ids["id"], "uri"].tolist()
-        baseline_net = net_spec(params.model).build().eval()  # the same architecture, never trained here
-        _, base_db = embed_images(baseline_net, db_uris, batch_size=bs, progress=True, desc="off-the-shelf db")
-        _, base_q = embed_images(baseline_net, queries["uri"].tolist(), batch_size=bs, desc="off-the-shelf queries")
-        baseline, _ = score_queries(base_q, queries["label"], base_db, ids["label"], ranks=ranks)
+        if not ids["id"].equals(splits.test_database()["id"]):
+            raise FiresightError(f"{INDEX_DIR}: its ids are not the split's test database; run the index stage again")
+        # the same architecture, never trained here
+        baseline, base_q, base_db = test_scores(net_spec(params.model).build().eval(), splits, params, desc="off-the-shelf")
 
         distances = {
             "fine-tuned": pair_distances(q_desc, queries["label"], db_desc, ids["label"]),

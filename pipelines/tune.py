@@ -15,7 +15,6 @@ import pandas as pd
 
 from components import tracking
 from components.data.contract import Splits
-from components.distributed import Cluster, gpu_available
 from components.evaluation.plots import plot_search
 from components.search_space import Point
 from components.storage import atomic_write_path, write_json
@@ -23,7 +22,7 @@ from components.training.jobs import RetrievalJob
 from components.training.retrieval import train_retrieval
 from components.tuning import JobFactory, ParamSearch, TrialOutcome, best_trial, experiment_name, run_search
 from pipelines._runner import run_stage
-from pipelines.common import load_splits, params_dict
+from pipelines.common import cluster, load_splits, params_dict
 from pipelines.params import Params, TuneParams, search_space, unflatten, with_overrides
 from pipelines.paths import BEST_PARAMS, METRICS_DIR, SEARCH_PLOT, TRIALS_TABLE
 from pipelines.retrieval import retrieval_job, starting_nets
@@ -66,16 +65,15 @@ def main(params: Params) -> None:
     splits = load_splits()
     job_for = job_factory(params, splits)
     search = param_search(t)
-    cluster = Cluster(t.workers_per_trial, params.ray.cpus_per_worker, gpu_available(params.ray.use_gpu),
-                      params.ray.storage_path, address=params.ray.address)
-    name = experiment_name(job_for, search, cluster)
+    trial = cluster(params.ray, num_workers=t.workers_per_trial)
+    name = experiment_name(job_for, search, trial)
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run("tune", params_dict(params, "tune", "retrieval", "ray"),
                             tags={"firesight.tune_experiment": name}, resume_tag="firesight.tune_experiment") as run:
         earlier = mlflow.get_run(run.info.run_id).data.metrics.get("search_wall_seconds", 0.0)  # before a restore
         start = time.perf_counter()
         try:
-            outcomes = run_search(train_retrieval, job_for, search, cluster=cluster, name=name,
+            outcomes = run_search(train_retrieval, job_for, search, cluster=trial, name=name,
                                   mlflow_parent=(params.tracking.experiment, run.info.run_id))
         finally:  # an interrupted invocation's time counts too
             timing = {"wall_seconds": round(time.perf_counter() - start, 1)}
