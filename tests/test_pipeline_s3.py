@@ -63,7 +63,7 @@ def test_dvc_repro_with_s3_and_an_mlflow_server(repo_copy: Path, s3_env: dict, t
         assert len(manifest) == 96 and all(u.startswith("s3://raw/photos/") for u in manifest["uri"])
         assert not (repo / ".ray_results").exists(), "no Ray checkpoint was written locally"
         ray_keys = _keys(s3, "ray")
-        assert any(k.startswith("results/margins-") and "experiment_state" in k for k in ray_keys), ray_keys[:20]
+        assert any(k.startswith("results/search-") and "experiment_state" in k for k in ray_keys), ray_keys[:20]
         assert not any(k.startswith(("results/classify-", "results/retrieval-")) for k in ray_keys), \
             "finished Train runs are removed from S3"
 
