@@ -1,0 +1,1 @@
+"""One module per DVC stage, the params schema and the stage runner."""

@@ -1,0 +1,1 @@
+"""Images, ingest, the data contract, splits, datasets, pair draws and batch transforms."""

@@ -1,0 +1,1 @@
+"""Retrieval metrics, the query protocol, validation inside a job, and figures."""

@@ -1,0 +1,1 @@
+"""Backbones, poolings, whitening, RetrievalNet and its checkpoints, NetSpec."""

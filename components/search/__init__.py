@@ -1,0 +1,1 @@
+"""Embedding, faiss indexes and search-time post-processing."""

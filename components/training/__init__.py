@@ -1,0 +1,1 @@
+"""Training jobs, the epoch loop, samplers and the per-worker loops."""
