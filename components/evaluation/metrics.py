@@ -126,3 +126,114 @@ def distance_summary(pos: npt.ArrayLike, neg: npt.ArrayLike) -> dict[str, float]
         "neg_std": float(n.std()),
         "overlap": float(np.mean(n < np.median(p))),
     }
+
+
+def per_query_scores(
+    relevant: npt.ArrayLike,
+    n_relevant: npt.ArrayLike,
+    cmc_ranks: Sequence[int],
+    recall_ks: Sequence[int],
+) -> dict[str, npt.NDArray[np.float64]]:
+    """One score per query (row of `relevant`, ranked best first; R = `n_relevant`, over the whole database).
+
+    "ap":       (1/R) * sum_i P@i * rel(i) over the ranking (same as `average_precision`).
+    "map@r":    (1/R) * sum_{i<=R} P@i * rel(i) (mAP@R, Musgrave et al., "A Metric Learning Reality Check").
+    "recall@k": 1 when a relevant item is in the top k (the DML-benchmark Recall@K), for k in `recall_ks`.
+    "cmc@k":    the same indicator under the re-identification name, for k in `cmc_ranks`.
+    """
+    rel = np.asarray(relevant, dtype=bool)
+    if rel.ndim != 2 or rel.shape[0] == 0 or rel.shape[1] == 0:
+        raise ValueError(f"relevant must be 2-D (queries x ranked items) with at least one row and column, got shape {rel.shape}")
+    r = np.asarray(n_relevant)
+    if r.shape != (rel.shape[0],) or not np.issubdtype(r.dtype, np.integer):
+        raise ValueError(f"n_relevant must be an integer array of shape ({rel.shape[0]},), got {r.dtype} {r.shape}")
+    if (r <= 0).any():
+        raise ValueError(f"{int((r <= 0).sum())} queries have n_relevant <= 0; their scores are undefined (R = 0)")
+    found = rel.sum(axis=1)
+    if (found > r).any():
+        q = int(np.flatnonzero(found > r)[0])
+        raise ValueError(f"query {q}: n_relevant={int(r[q])} is smaller than the {int(found[q])} relevant items in its ranking")
+    bad = [k for k in (*cmc_ranks, *recall_ks) if int(k) < 1]
+    if bad:
+        raise ValueError(f"ranks must be >= 1, got {bad}")
+
+    rank = np.arange(1, rel.shape[1] + 1)
+    precision_at_hits = np.where(rel, np.cumsum(rel, axis=1) / rank, 0.0)
+    first_hit = np.where(rel.any(axis=1), rel.argmax(axis=1) + 1, np.inf)
+    scores = {
+        "ap": precision_at_hits.sum(axis=1) / r,
+        "map@r": np.where(rank <= r[:, None], precision_at_hits, 0.0).sum(axis=1) / r,
+    }
+    scores.update({f"recall@{int(k)}": (first_hit <= k).astype(np.float64) for k in recall_ks})
+    scores.update({f"cmc@{int(k)}": (first_hit <= k).astype(np.float64) for k in cmc_ranks})
+    return scores
+
+
+def relevance_from_similarity(
+    similarity: npt.ArrayLike,
+    query_labels: npt.ArrayLike,
+    db_labels: npt.ArrayLike,
+    exclude: npt.ArrayLike | None = None,
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Rank each row of `similarity` (queries x database) by descending similarity, ties by database index.
+
+    Entries where `exclude` is True are dropped from the ranking and from R; every row must exclude the same
+    number of entries. Returns (relevant: bool (queries x kept items), n_relevant: non-excluded same-label items).
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    q = np.asarray(query_labels)
+    db = np.asarray(db_labels)
+    if sim.ndim != 2:
+        raise ValueError(f"similarity must be 2-D (queries x database), got shape {sim.shape}")
+    if q.shape != (sim.shape[0],) or db.shape != (sim.shape[1],):
+        raise ValueError(f"labels must have shapes ({sim.shape[0]},) and ({sim.shape[1]},), got {q.shape} and {db.shape}")
+    keep = np.ones(sim.shape, dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
+    if keep.shape != sim.shape:
+        raise ValueError(f"exclude must have the similarity's shape {sim.shape}, got {keep.shape}")
+    if not np.isfinite(sim[keep]).all():  # excluded entries may be anything (e.g. −inf)
+        raise ValueError("similarity holds NaN or infinite values")
+    kept = keep.sum(axis=1)
+    if sim.shape[0] and (kept != kept[0]).any():
+        raise ValueError(f"every row must exclude the same number of entries, got kept counts from {kept.min()} to {kept.max()}")
+
+    same = q[:, None] == db[None, :]
+    order = np.argsort(-sim, axis=1, kind="stable")
+    keep_sorted = np.take_along_axis(keep, order, axis=1)
+    relevant = np.take_along_axis(same, order, axis=1)[keep_sorted].reshape(sim.shape[0], -1)
+    return relevant, (same & keep).sum(axis=1).astype(np.int64)
+
+
+def leave_one_out_ranking(
+    descriptors: npt.ArrayLike, labels: npt.ArrayLike
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """Every item queries all other items by inner product (L2-normalised descriptors), itself excluded.
+
+    Returns (relevant: bool (n, n-1), n_relevant: class size - 1 per item); ties are broken by index.
+    """
+    x = np.asarray(descriptors, dtype=np.float64)
+    y = np.asarray(labels)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"descriptors must be 2-D with at least two rows, got shape {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"need one label per descriptor row: labels {y.shape} vs {x.shape[0]} rows")
+    classes, counts = np.unique(y, return_counts=True)
+    singletons = classes[counts == 1]
+    if singletons.size:
+        raise ValueError(
+            f"class {singletons.tolist()[0]!r} has a single item, so its query has no relevant item"
+            + (f" ({singletons.size} such classes)" if singletons.size > 1 else "")
+        )
+    return relevance_from_similarity(x @ x.T, y, y, exclude=np.eye(x.shape[0], dtype=bool))
+
+
+def summarise(per_query: dict[str, npt.ArrayLike]) -> dict[str, float]:
+    """Mean over queries of each per-query score; "ap" is reported as "map"."""
+    if not per_query:
+        raise ValueError("no per-query scores to summarise")
+    summary = {}
+    for key, values in per_query.items():
+        v = np.asarray(values, dtype=np.float64)
+        if v.ndim != 1 or v.size == 0:
+            raise ValueError(f"per-query scores {key!r} must be a non-empty 1-D array, got shape {v.shape}")
+        summary["map" if key == "ap" else key] = float(v.mean())
+    return summary
