@@ -23,11 +23,10 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
 
         from components.data.transforms import BatchTransform
 
-        transform = BatchTransform.for_eval(self.net.meta)
-        images = np.asarray(model_input, dtype=np.uint8)
+        transforms = BatchTransform.for_scales(self.net.meta)  # the search model's resolution and scales
+        images = [(Image.fromarray(img),) for img in np.asarray(model_input, dtype=np.uint8)]
         with torch.no_grad():
-            batch, = transform([(Image.fromarray(img),) for img in images])
-            return self.net(batch).numpy()
+            return self.net.describe([transform(images)[0] for transform in transforms]).numpy()
 
 
 mlflow.models.set_model(EmbeddingModel())

@@ -4,7 +4,13 @@ import torch
 
 from components.models.net import RetrievalNet, load_net, save_checkpoint
 from components.models.pooling import POOLINGS, RMAC, make_pooling, rmac_regions
-from components.models.whitening import Whitening, fit_pca_whitening
+from components.models.whitening import (
+    Whitening,
+    fit_centering,
+    fit_learned_whitening,
+    fit_pca_whitening,
+    matching_pair_covariance,
+)
 
 
 @pytest.mark.parametrize("h, w", [(7, 7), (2, 2), (5, 5)])
@@ -118,3 +124,97 @@ def test_set_whitening_checks_the_input_dim(rmac_net):
 def test_pca_whitening_rejects_identical_descriptors():
     with pytest.raises(ValueError, match="all identical"):
         fit_pca_whitening(np.ones((4, 3)), dim=2)
+
+
+def test_pca_whitening_with_zero_shrinkage_is_plain_whitening():
+    train = _unit(np.random.default_rng(3), 200, 10)
+    for dim in (None, 4):
+        plain, shrunk = fit_pca_whitening(train, dim), fit_pca_whitening(train, dim, shrinkage=0.0)
+        assert np.array_equal(plain[0], shrunk[0]) and np.array_equal(plain[1], shrunk[1])
+
+
+def test_full_shrinkage_scales_every_direction_alike():
+    train = _unit(np.random.default_rng(4), 200, 10)
+    mean, proj = fit_pca_whitening(train, 6, shrinkage=1.0)
+    gram = proj.astype(np.float64) @ proj.T  # rows of U scaled by one factor c: P Pᵀ = c² I
+    np.testing.assert_allclose(gram, gram[0, 0] * np.eye(6), atol=1e-6 * gram[0, 0])
+    # c = (tr(C)/D)^(−1/2) up to the relative ε
+    np.testing.assert_allclose(gram[0, 0], 1 / np.cov(train, rowvar=False, bias=True).trace() * 10, rtol=1e-4)
+    half = fit_pca_whitening(train, 6, shrinkage=0.5)[1]
+    assert not np.allclose(half @ half.T, (half @ half.T)[0, 0] * np.eye(6))
+
+
+@pytest.mark.parametrize("shrinkage", [-0.1, 1.5])
+def test_shrinkage_out_of_range_raises(shrinkage):
+    train = _unit(np.random.default_rng(5), 50, 6)
+    labels = np.repeat(np.arange(10), 5)
+    with pytest.raises(ValueError, match="shrinkage must be in \\[0, 1\\]"):
+        fit_pca_whitening(train, shrinkage=shrinkage)
+    with pytest.raises(ValueError, match="shrinkage must be in \\[0, 1\\]"):
+        fit_learned_whitening(train, labels, shrinkage=shrinkage)
+
+
+def test_centering_is_the_train_mean_and_the_identity():
+    train = _unit(np.random.default_rng(6), 30, 7)
+    mean, proj = fit_centering(train)
+    assert mean.dtype == proj.dtype == np.float32 and np.array_equal(proj, np.eye(7, dtype=np.float32))
+    np.testing.assert_allclose(mean, train.astype(np.float64).mean(axis=0), atol=1e-7)
+    layer = Whitening.from_pca(mean, proj)  # carried by the layer: y = L2(x − μ)
+    expected = (train - mean) / np.linalg.norm(train - mean, axis=1, keepdims=True)
+    np.testing.assert_allclose(layer(torch.from_numpy(train)).detach().numpy(), expected, atol=1e-6)
+
+
+def test_matching_pair_covariance_closed_form_equals_the_pair_sum():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(13, 4))
+    labels = np.array(list("aaaabbbccdeee"))  # d is a singleton: no pair
+    pairs = [(i, j) for i in range(13) for j in range(i + 1, 13) if labels[i] == labels[j]]
+    explicit = sum(np.outer(x[i] - x[j], x[i] - x[j]) for i, j in pairs) / len(pairs)
+    np.testing.assert_allclose(matching_pair_covariance(x, labels), explicit, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="no class has 2 or more"):
+        matching_pair_covariance(x[:5], list("abcde"))
+    with pytest.raises(ValueError, match="no class has 2 or more"):
+        fit_learned_whitening(x[:5], list("abcde"))
+
+
+def test_learned_whitening_makes_matching_differences_identity():
+    rng = np.random.default_rng(8)
+    labels = np.repeat(np.arange(12), 8)
+    x = _unit(rng, 12, 6)[labels] + 0.1 * rng.normal(size=(96, 6)) * np.linspace(2, 0.3, 6)
+    mean, proj = fit_learned_whitening(x, labels)
+    assert mean.shape == (6,) and proj.shape == (6, 6) and proj.dtype == np.float32
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-6)
+    y = (x - mean) @ proj.astype(np.float64).T
+    diffs = [y[i] - y[j] for i in range(96) for j in range(i + 1, 96) if labels[i] == labels[j]]
+    np.testing.assert_allclose(np.mean([np.outer(d, d) for d in diffs], axis=0), np.eye(6), atol=1e-4)
+    # the rotation orders the whitened directions by decreasing variance of the descriptors
+    variances = np.var(y, axis=0)
+    assert np.all(np.diff(variances) <= 1e-9)
+    assert fit_learned_whitening(x, labels, 3)[1].shape == (3, 6)
+
+
+def test_learned_whitening_suppresses_a_within_class_nuisance():
+    # Classes sit 0.5 apart along a discriminative e₀ (within-class σ = 0.05); every item also moves by N(0, 5²) along
+    # a nuisance e₁ unrelated to its class. Unwhitened, nearest neighbours are ruled by the nuisance; Lw divides e₁
+    # by its large matching-difference spread and e₀ by its small one, so e₀ decides.
+    rng = np.random.default_rng(9)
+    classes, per_class, d = 20, 6, 4
+    labels = np.repeat(np.arange(classes), per_class)
+    centres = np.zeros((classes, d))
+    centres[:, 0] = 0.5 * np.arange(classes)
+
+    def sample() -> np.ndarray:
+        x = centres[labels] + 0.05 * rng.normal(size=(len(labels), d))
+        x[:, 1] += 5.0 * rng.normal(size=len(labels))
+        return x
+
+    train, test = sample(), sample()
+
+    def nn_accuracy(z: np.ndarray) -> float:
+        dist = ((z[:, None] - z[None]) ** 2).sum(-1)
+        np.fill_diagonal(dist, np.inf)
+        return float((labels[dist.argmin(axis=1)] == labels).mean())
+
+    mean, proj = fit_learned_whitening(train, labels)
+    plain, whitened = nn_accuracy(test), nn_accuracy((test - mean) @ proj.T)
+    assert plain < 0.6 and whitened > 0.95, (plain, whitened)

@@ -7,6 +7,7 @@ random; evaluation uses a fixed S and no augmentation, so an image's descriptor 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -53,6 +54,20 @@ class BatchTransform:
     def for_eval(cls, meta: dict, image_size: int | None = None) -> BatchTransform:
         size = image_size or meta["image_size"]
         return cls(meta["mean"], meta["std"], (size, size))
+
+    @classmethod
+    def for_scales(cls, meta: dict, image_size: int | None = None,
+                   scales: Sequence[float] | None = None) -> list[BatchTransform]:
+        """One eval transform per scale s, at longer side round(s · S) (S: image_size, else the meta's); scales None:
+        the meta's `scales`, else one scale."""
+        scales = list(meta.get("scales", [1.0]) if scales is None else scales)
+        if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
+        size = image_size or meta["image_size"]
+        sides = [round(s * size) for s in scales]
+        if min(sides) < 1:
+            raise ValueError(f"scales {scales} of image size {size} give sides {sides}: every side must be >= 1 pixel")
+        return [cls.for_eval(meta, side) for side in sides]
 
     def image(self, img: Image.Image, side: int) -> torch.Tensor:
         x = self.to_tensor(img)

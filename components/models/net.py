@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ class RetrievalNet(nn.Module):
 
     `meta` holds everything needed to rebuild the network and preprocess images for it:
     arch, pooling, gem_p, image_size, mean, std, whitening_dim (None: no whitening layer) and dim, the
-    descriptor size (whitening_dim if set, else the backbone's channel count `pooled_dim`).
+    descriptor size (whitening_dim if set, else the backbone's channel count `pooled_dim`). A search model's meta
+    (the postprocess stage's) adds scales (multi-scale descriptors at round(s · image_size)) and reranking.
     """
 
     def __init__(self, meta: dict[str, Any], weights: str | None = None) -> None:
@@ -54,7 +56,14 @@ class RetrievalNet(nn.Module):
         return self.pool(self.backbone.forward_features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.pooled(images), dim=-1)
+        return self.describe([images])
+
+    def describe(self, scaled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The descriptor of a batch given at one or more scales: L2(Σ_s L2(pool(f(x_s)))), then the whitening layer
+        if any — whitening applies to the multi-scale descriptor, as it was fit. One scale: L2(pool(f(x)))."""
+        x = F.normalize(self.pooled(scaled[0]), dim=-1)
+        if len(scaled) > 1:
+            x = F.normalize(x + sum(F.normalize(self.pooled(s), dim=-1) for s in scaled[1:]), dim=-1)
         return x if self.whitening is None else self.whitening(x)
 
     def set_whitening(self, mean: np.ndarray | torch.Tensor, projection: np.ndarray | torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Batched descriptor extraction with a fixed image size (so descriptors never depend on batch composition)."""
+"""Batched descriptor extraction at fixed image sizes (so descriptors never depend on batch composition), optionally
+multi-scale."""
 
 from __future__ import annotations
 
@@ -21,22 +22,30 @@ def embed_images(
     *,
     batch_size: int = 32,
     image_size: int | None = None,
+    scales: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
     indices: Sequence[int] | None = None,
     progress: bool = False,
     desc: str = "embedding",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (indices, descriptors float32 (n, dim)) for `uris` (or the subset `indices` of them)."""
+    """Return (indices, descriptors float32 (n, dim)) for `uris` (or the subset `indices` of them).
+
+    Multi-scale: with S = image_size (default: the net's), each image is embedded at longer side round(s·S) for
+    every s in `scales` and d = L2(Σ_s d_s), then the net's whitening (`RetrievalNet.describe`;
+    cnnimageretrieval-pytorch averages: the same after L2). scales None: the net's meta["scales"], else (1.0,).
+    """
+    transforms = BatchTransform.for_scales(net.meta, image_size, scales)
     dataset = ImageDataset(uris, [0] * len(uris))
     if indices is not None:
         dataset = Subset(dataset, list(indices))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=BatchTransform.for_eval(net.meta, image_size))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=list)  # images decoded once
     was_training = net.training
     net.eval()
     out_idx, out_desc = [], []
-    for images, _, idx in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        out_desc.append(net(images.to(device)).float().cpu().numpy())
-        out_idx.append(idx.numpy())
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        d = net.describe([transform(batch)[0].to(device) for transform in transforms])
+        out_desc.append(d.float().cpu().numpy())
+        out_idx.append(np.array([item[2] for item in batch], dtype=np.int64))
     net.train(was_training)
     dim = net.meta["dim"]
     if not out_desc:

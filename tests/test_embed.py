@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.data.datasets import ImageDataset
+from components.data.transforms import BatchTransform
+from components.models.net import RetrievalNet
+from components.search.embed import embed_images
+
+
+@pytest.fixture(scope="module")
+def net() -> RetrievalNet:
+    torch.manual_seed(0)
+    return RetrievalNet.create("tf_efficientnet_lite0", "gem", image_size=64, weights=None).eval()
+
+
+@pytest.fixture(scope="module")
+def uris(tmp_path_factory) -> list[str]:
+    """Five random images of different sizes and aspect ratios, as PNG files."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, (w, h) in enumerate([(80, 60), (50, 90), (64, 64), (120, 40), (33, 47)]):
+        path = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _unit_sum(*descriptors: np.ndarray) -> np.ndarray:
+    total = np.sum(descriptors, axis=0, dtype=np.float64)
+    return total / np.linalg.norm(total, axis=1, keepdims=True)
+
+
+def test_single_scale_is_a_direct_forward(net, uris):
+    batch = BatchTransform.for_eval(net.meta)([(img, 0, i) for img, _, i in ImageDataset(uris, [0] * len(uris))])
+    with torch.no_grad():
+        expected = net(batch[0]).numpy()
+    idx, desc = embed_images(net, uris, batch_size=8)
+    assert np.array_equal(idx, np.arange(5)) and desc.dtype == np.float32
+    assert np.array_equal(desc, expected)
+    assert np.array_equal(embed_images(net, uris, batch_size=8, scales=[1.0])[1], expected)
+
+
+def test_multi_scale_is_the_normalised_sum_of_single_scales(net, uris):
+    singles = [embed_images(net, uris, batch_size=2, scales=[s])[1] for s in (1.0, 0.75, 1.4)]
+    idx, multi = embed_images(net, uris, batch_size=2, scales=(1.0, 0.75, 1.4))
+    assert np.array_equal(idx, np.arange(5)) and multi.shape == (5, 1280)
+    np.testing.assert_allclose(multi, _unit_sum(*singles), atol=1e-6)
+    assert not np.allclose(singles[0], singles[1], atol=1e-3)  # the scales do see different images
+    # scales are relative to image_size when it is given: 0.5 × 128 = 1.0 × 64
+    assert np.array_equal(embed_images(net, uris, batch_size=2, image_size=128, scales=[0.5])[1], singles[0])
+
+
+def test_meta_scales_are_the_default(net, uris, monkeypatch):
+    explicit = embed_images(net, uris, batch_size=4, scales=[1.0, 0.75])[1]
+    monkeypatch.setitem(net.meta, "scales", [1.0, 0.75])
+    assert np.array_equal(embed_images(net, uris, batch_size=4)[1], explicit)
+    single = embed_images(net, uris, batch_size=4, scales=[1.0])[1]  # an explicit argument wins over the meta
+    assert not np.allclose(single, explicit, atol=1e-3)
+
+
+@pytest.mark.parametrize("scales", [[], [0.0], [1.0, -0.5], [float("nan")], [0.001]])
+def test_bad_scales_raise(net, uris, scales):
+    with pytest.raises(ValueError, match="scales"):
+        embed_images(net, uris, scales=scales)
+
+
+def test_whitening_applies_to_the_multi_scale_descriptor(net, uris):
+    """A search model's whitening was fit on multi-scale descriptors: it must see their sum, not each scale."""
+    import copy
+
+    plain = embed_images(net, uris, batch_size=2, scales=(1.0, 0.75))[1]
+    rng = np.random.default_rng(0)
+    mean, projection = rng.normal(size=1280).astype(np.float32) * 0.01, rng.normal(size=(16, 1280)).astype(np.float32)
+    whitened_net = copy.deepcopy(net)
+    whitened_net.set_whitening(mean, projection)
+    y = (plain - mean) @ projection.T
+    expected = y / np.linalg.norm(y, axis=1, keepdims=True)
+    np.testing.assert_allclose(embed_images(whitened_net, uris, batch_size=2, scales=(1.0, 0.75))[1], expected, atol=1e-5)
