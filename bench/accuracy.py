@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.pipeline import NO_SEARCH, QUICK_OVERRIDES, RepoCopy, pipeline_params
+from bench.pipeline import NO_SEARCH, QUICK_OVERRIDES, RepoCopy, headline_maps, pipeline_params
 
 ABLATION = Path("docs/ablation.json")
 TRAINING_STAGES = ("classify", "retrieval")
@@ -33,8 +33,7 @@ def run(mode: str, pipeline: dict[str, Any] | None = None) -> dict[str, Any]:
             metrics = copy.read_metrics("metrics.json") if record["returncode"] == 0 else {}
             training = [copy.read_metrics(f"metrics/{s}.json").get("wall_seconds") if metrics else None
                         for s in TRAINING_STAGES]
-            rows.append({"backbone": backbone, "pooling": pooling, "test_map": metrics.get("test", {}).get("map"),
-                         "off_the_shelf_map": metrics.get("off_the_shelf", {}).get("map"),
+            rows.append({"backbone": backbone, "pooling": pooling, **headline_maps(metrics),
                          "training_seconds": round(sum(t or 0 for t in training), 1),
                          **{f"{s}_seconds": t for s, t in zip(TRAINING_STAGES, training)}, **record})
     finally:

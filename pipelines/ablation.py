@@ -2,10 +2,11 @@
 
     python -m pipelines.ablation [--config configs/caltech101-ablation.yaml]   # after `dvc repro` (its split and classifier)
 
-Rows: off-the-shelf ImageNet; retr-s (single margin, from ImageNet); retr-d (double margin, from ImageNet); cls;
-cls + retr-d; cls + triplet; cls + retr-d + whitening + αQE. Each trained row is a Ray Train job with the
-`retrieval` params of params.yaml (only the row's own differences applied). Writes docs/ablation.md and
-docs/ablation.json, and one MLflow run per row nested under an `ablation` run.
+Rows: off-the-shelf ImageNet (and with its training-free choices); retr-s (single margin, from ImageNet); retr-d
+(double margin, from ImageNet); cls; cls + retr-d; cls + triplet; cls + retr-d with its training-free choices. Each
+trained row is a Ray Train job with the `retrieval` params of params.yaml (only the row's own differences applied);
+each row is scored on both test protocols with class-bootstrap CIs and compared with its parent row by a paired CI.
+Writes docs/ablation.md and docs/ablation.json, and one MLflow run per row nested under an `ablation` run.
 """
 
 from __future__ import annotations
@@ -21,14 +22,17 @@ import typer
 
 from components import tracking
 from components.errors import FiresightError
+from components.evaluation.bootstrap import format_gain
+from components.evaluation.protocol import Scores
 from components.models.net import RetrievalNet, load_net
 from components.storage import atomic_write_path, write_json
 from components.training.context import BEST_MODEL_FILE
 from components.training.retrieval import train_retrieval
 from pipelines.common import git_commit, load_splits, net_spec, stopwatch, test_scores, train_logged
-from pipelines.params import DEFAULT_PARAMS, Params, WhiteningParams, load_params, with_overrides
+from pipelines.params import DEFAULT_PARAMS, Params, load_params, with_overrides
 from pipelines.paths import CLASSIFY_DIR
-from pipelines.retrieval import retrieval_job, starting_nets, whitening_step
+from pipelines.postprocess import choose, save_search_model
+from pipelines.retrieval import retrieval_job, starting_nets
 
 log = logging.getLogger("ablation")
 
@@ -36,39 +40,42 @@ log = logging.getLogger("ablation")
 @dataclass(frozen=True)
 class Row:
     name: str
+    parent: str | None  # the row it is compared with (a paired CI of the difference); None for the first
     train: dict | None = None  # retrieval-params overrides of a trained row (`with_overrides`); None: no training
     start: str = "imagenet"  # imagenet | classifier | <name of an earlier row> (no training, post-processing only)
-    whitening: bool = False
-    qe: bool = False
+    free_wins: bool = False  # the postprocess stage's training-free choices, made on val for this row's network
 
 
 TRIPLET = {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
            "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 8, "images_per_class": 4}}}
 ROWS = [  # the retrieval params' double-margin criterion and sampler unless a row replaces them
-    Row("off-the-shelf"),
-    Row("retr-s", {"init": "imagenet", "criterion": {"args": {"pos_margin": 0.0}}}),
-    Row("retr-d", {"init": "imagenet"}),
-    Row("cls", start="classifier"),
-    Row("cls + retr-d", {"init": "classifier"}),
-    Row("cls + triplet", {"init": "classifier", **TRIPLET}),
-    Row("cls + retr-d + whitening + αQE", start="cls + retr-d", whitening=True, qe=True),
+    Row("off-the-shelf", None),
+    Row("off-the-shelf + free wins", "off-the-shelf", start="off-the-shelf", free_wins=True),
+    Row("retr-s", "off-the-shelf", {"init": "imagenet", "criterion": {"args": {"pos_margin": 0.0}}}),
+    Row("retr-d", "retr-s", {"init": "imagenet"}),
+    Row("cls", "off-the-shelf", start="classifier"),
+    Row("cls + retr-d", "cls", {"init": "classifier"}),
+    Row("cls + triplet", "cls", {"init": "classifier", **TRIPLET}),
+    Row("cls + retr-d + free wins", "cls + retr-d", start="cls + retr-d", free_wins=True),
 ]
 
 
-def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
+def run(params: Params, output: Path) -> list[dict]:
     if not (CLASSIFY_DIR / BEST_MODEL_FILE).is_file():
         raise FiresightError(f"{CLASSIFY_DIR / BEST_MODEL_FILE} is missing: run `dvc repro` first (the ablation uses its split and classifier)")
     splits = load_splits()
     models: dict[str, Path] = {}
+    scores: dict[str, Scores] = {}
     results: list[dict] = []
+    e = params.evaluate
+    boot = (e.bootstrap.resamples, e.bootstrap.confidence, e.bootstrap.seed)
     workdir = Path(tempfile.mkdtemp(prefix="ablation-", dir="."))
     tracking.configure(params.tracking.uri, params.tracking.experiment)
-    with tracking.stage_run("ablation", {"retrieval": params.retrieval.model_dump(mode="json"), "qe_k": qe_k, "qe_alpha": qe_alpha},
-                            {"git_commit": git_commit()}):
+    with tracking.stage_run("ablation", {"retrieval": params.retrieval.model_dump(mode="json")}, {"git_commit": git_commit()}):
         for row in ROWS:
             with tracking.mlflow.start_run(run_name=f"ablation: {row.name}", nested=True), stopwatch() as timing:
                 model_dir = workdir / f"row{len(results)}"
-                selection = {}
+                selection: dict = {}
                 if row.train is not None:
                     p = with_overrides(params.retrieval, row.train)
                     tracking.mlflow.log_params({f"retrieval.{k}": json.dumps(v) for k, v in row.train.items()})
@@ -76,58 +83,85 @@ def run(params: Params, output: Path, qe_k: int, qe_alpha: float) -> list[dict]:
                                                  "ablation", params, model_dir, select="val_map")
                     selection = {"best_epoch": int(best["epoch"]), "val_map_start": history[0]["val_map"],
                                  "val_map_last": history[-1]["val_map"], "val_map_best": best["val_map"]}
-                elif row.start in models:
-                    shutil.copytree(models[row.start].parent, model_dir)
-                    if row.whitening:
-                        whitening_step(params, params.retrieval.model_copy(update={"whitening": WhiteningParams(enabled=True)}), splits)(model_dir)
-                models[row.name] = model_dir / BEST_MODEL_FILE
-                metrics, _, _ = test_scores(_net(row, params, models), splits, params, qe_k if row.qe else 0, qe_alpha,
-                                            desc=row.name)
-            tracking.mlflow.log_metrics({f"test_{k.replace('@', '_at_')}": float(v) for k, v in metrics.items()})
-            results.append({"row": row.name, **metrics, **selection, **timing})
-            log.info("%s: mAP %.4f, CMC@1 %.4f (%.0f s)", row.name, metrics["map"], metrics["cmc@1"], timing["wall_seconds"])
+                net = load_net(model_dir / BEST_MODEL_FILE) if row.train is not None else _start(row, params, models)
+                if row.free_wins:
+                    choice = choose(net, row.name, params)
+                    save_search_model(net, choice, model_dir)
+                    net = load_net(model_dir / BEST_MODEL_FILE)
+                    selection = {"recipe": choice.recipe.describe(), "val_map_start": choice.start_map,
+                                 "val_map_best": choice.best_map}
+                if (model_dir / BEST_MODEL_FILE).is_file():
+                    models[row.name] = model_dir / BEST_MODEL_FILE
+                scores[row.name] = test_scores(net, splits, params)
+                summary = scores[row.name].summary(*boot)
+                gain = scores[row.name].gain_over(scores[row.parent], *boot) if row.parent else None
+            tracking.mlflow.log_metrics({f"test_loo_map": summary["leave_one_out"]["map"]["value"],
+                                         "test_firearm_map": summary["firearm"]["map"]["value"]})
+            results.append({"row": row.name, "parent": row.parent, **summary, "gain_over_parent": gain, **selection,
+                            **timing})
+            loo = summary["leave_one_out"]["map"]
+            log.info("%s: leave-one-out mAP %.4f [%.4f, %.4f]%s (%.0f s)", row.name, loo["value"], loo["lo"], loo["hi"],
+                     f", vs {row.parent} {format_gain(gain['leave_one_out']['map'])}" if gain else "",
+                     timing["wall_seconds"])
         shutil.rmtree(workdir, ignore_errors=True)
         write_json(output.with_suffix(".json"), results)
         with atomic_write_path(output) as tmp:
-            tmp.write_text(markdown_table(results, params, qe_k, qe_alpha))
+            tmp.write_text(markdown_table(results, params))
         tracking.mlflow.log_artifact(str(output))
     return results
 
 
-def _net(row: Row, params: Params, models: dict[str, Path]) -> RetrievalNet:
-    if row.train is None and row.start == "imagenet":
+def _start(row: Row, params: Params, models: dict[str, Path]) -> RetrievalNet:
+    """An untrained row's network: ImageNet's, the classifier, or an earlier row's."""
+    if row.start in ("imagenet", "off-the-shelf"):
         return net_spec(params.model).build().eval()
-    if row.start == "classifier" and row.train is None:
+    if row.start == "classifier":
         return load_net(CLASSIFY_DIR / BEST_MODEL_FILE)
-    return load_net(models[row.name])
+    return load_net(models[row.start])
 
 
-def markdown_table(results: list[dict], params: Params, qe_k: int, qe_alpha: float) -> str:
-    base = results[0]["map"]
-    ranks = params.evaluate.cmc_ranks
+def markdown_table(results: list[dict], params: Params) -> str:
+    """One line per row: leave-one-out mAP, mAP@R and Recall@1 with their CIs, the Firearm protocol's mAP and CMC@1,
+    the paired difference from the row's parent, and how the row's choice on val went."""
+    conf = int(round(100 * params.evaluate.bootstrap.confidence))
     lines = [
-        f"| method | test mAP | {' | '.join(f'CMC@{k}' for k in ranks)} | mAP vs off-the-shelf | val mAP: start → last (best epoch) | wall time (s) |",
-        "|---|---|" + "---|" * len(ranks) + "---|---|---|",
+        f"| method | LOO mAP [{conf}% CI] | LOO mAP@R | LOO R@1 | Firearm mAP [{conf}% CI] | Firearm CMC@1 | "
+        f"LOO mAP vs parent (paired {conf}% CI) | val mAP: start → chosen (best epoch) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        rel = "—" if r is results[0] else f"{100 * (r['map'] - base) / base:+.1f}%"
-        cmc = " | ".join(f"{r[f'cmc@{k}']:.3f}" for k in ranks)
-        val = f"{r['val_map_start']:.3f} → {r['val_map_last']:.3f} ({r['best_epoch']})" if "best_epoch" in r else "—"
-        lines.append(f"| {r['row']} | {r['map']:.4f} | {cmc} | {rel} | {val} | {r['wall_seconds']:.0f} |")
+        loo, firearm = r["leave_one_out"], r["firearm"]
+        vs = "—" if not r.get("gain_over_parent") else f"{format_gain(r['gain_over_parent']['leave_one_out']['map'])} vs {r['parent']}"
+        if "best_epoch" in r:
+            val = f"{r['val_map_start']:.3f} → {r['val_map_best']:.3f} ({r['best_epoch']})"
+        elif "recipe" in r:
+            val = f"{r['val_map_start']:.3f} → {r['val_map_best']:.3f} ({r['recipe']})"
+        else:
+            val = "—"
+        lines.append(f"| {r['row']} | {_ci(loo['map'])} | {loo['map@r']['value']:.4f} | {loo['recall@1']['value']:.3f} | "
+                     f"{_ci(firearm['map'])} | {firearm['cmc@1']['value']:.3f} | {vs} | {val} | {r['wall_seconds']:.0f} |")
     m, rp = params.model, params.retrieval
+    first = results[0]
     lines += [
         "",
-        f"Test: {results[0]['queries']} queries against {results[0]['database']} database images of unseen classes. "
-        f"Backbone {m.backbone} ({m.weights}), {m.pooling} pooling, image size {m.image_size}, frozen stages {m.frozen_stages}; "
-        f"retrieval: {rp.epochs} epochs, lr {rp.lr}, {_described(rp.criterion)} (retr-s: m+ 0) on {_described(rp.sampler)}; "
-        f"cls + triplet: {_described(TRIPLET['criterion'])} on {_described(TRIPLET['sampler'])}; "
-        f"whitening learned on the train classes; αQE k={qe_k}, α={qe_alpha}. Git commit {git_commit()}.",
+        f"Test: leave-one-out over {first['leave_one_out']['queries']} images of unseen classes (each queries all the "
+        f"others); Firearm protocol: {first['firearm']['queries']} queries against {first['firearm']['database']} "
+        f"database images. CIs: {params.evaluate.bootstrap.resamples} bootstrap resamples of the test classes; a gain's "
+        f"CI is paired (both rows on the same resampled classes). Backbone {m.backbone} ({m.weights}), {m.pooling} pooling, "
+        f"image size {m.image_size}, frozen stages {m.frozen_stages}; retrieval: {rp.epochs} epochs, lr {rp.lr}, "
+        f"{_described(rp.criterion)} (retr-s: m+ 0) on {_described(rp.sampler)}; cls + triplet: "
+        f"{_described(TRIPLET['criterion'])} on {_described(TRIPLET['sampler'])}; free wins: the postprocess stage's "
+        f"choices on val (params `postprocess`). Git commit {git_commit()}.",
         "",
-        "Each trained row keeps its best epoch by val mAP on the val classes, epoch 0 (its starting point) included: "
-        "a best epoch of 0 means fine-tuning never beat the start on validation, and the row then reports the "
-        "starting model's test numbers.",
+        "Each trained row keeps its best epoch by leave-one-out val mAP, epoch 0 (its starting point) included: a best "
+        "epoch of 0 means fine-tuning never beat the start on validation, and the row then reports the starting "
+        "model's test numbers.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ci(v: dict) -> str:
+    return f"{v['value']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}]"
 
 
 def _described(named) -> str:
@@ -140,12 +174,10 @@ def main(
     config: Path | None = typer.Option(None, "--config", help="an override file of params.yaml (e.g. configs/caltech101-ablation.yaml); "
                                 "its split and classifier must be built"),
     output: Path = typer.Option(Path("docs/ablation.md"), help="markdown table (a .json beside it)"),
-    qe_k: int = typer.Option(5, help="αQE neighbours for the last row"),
-    qe_alpha: float = typer.Option(3.0, help="αQE exponent"),
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ablation %(levelname)s %(message)s")
     try:
-        run(load_params(DEFAULT_PARAMS, config), output, qe_k, qe_alpha)
+        run(load_params(DEFAULT_PARAMS, config), output)
     except FiresightError as e:
         typer.echo(f"firesight ablation: error: {e}", err=True)
         raise typer.Exit(2) from None

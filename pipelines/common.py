@@ -19,11 +19,11 @@ from components.distributed import Cluster, gpu_available, run_training
 from components.data.contract import LABEL, ROLE, URI, Role, Splits, check_splits
 from components.errors import FiresightError, WeightsError
 from components.models.backbones import packaged_imagenet_file
-from components.evaluation.protocol import score_queries
-from components.models.net import RetrievalNet, load_net, read_checkpoint, save_checkpoint
+from components.evaluation.protocol import Figures, Scores, score_test
+from components.models.net import RetrievalNet, read_checkpoint
 from components.models.spec import NetSpec
-from components.models.whitening import fit_pca_whitening
 from components.search.embed import embed_images
+from components.search.postprocess import reranking_of
 from components.storage import is_remote, read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
 from components.training.jobs import LabelledImages, Optimisation, RetrievalValSet
@@ -58,16 +58,6 @@ def optimisation(p: _TrainParams) -> Optimisation:
     return Optimisation(p.epochs, p.batch_size, p.lr, p.momentum, p.weight_decay, p.lr_step_epochs, p.lr_gamma,
                         tuple(p.train_max_side), p.hflip, p.seed, getattr(p, "head_lr_multiplier", 1.0),
                         p.rotation_degrees, p.color_jitter)
-
-
-def fit_whitening(checkpoint: Path, train_uris: list[str], dim: int | None, image_size: int, batch_size: int) -> None:
-    """Learn PCA-whitening on the TRAIN classes' descriptors (never the test database) and add it to the
-    checkpoint's net as a trainable shift + fc layer."""
-    net = load_net(checkpoint)
-    _, train_desc = embed_images(net, train_uris, batch_size=batch_size, image_size=image_size, progress=True,
-                                 desc="whitening: train descriptors")
-    net.set_whitening(*fit_pca_whitening(train_desc, dim))
-    save_checkpoint(checkpoint, net, {"whitening_fit_on": f"{len(train_uris)} train-class images"})
 
 
 def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
@@ -127,32 +117,32 @@ def train_logged(loop: Callable, job: Any, name: str, params: Params, model_dir:
     return history, max(history, key=lambda h: h[select])
 
 
-def test_scores(net: RetrievalNet, splits: Splits, params: Params, qe_k: int = 0, qe_alpha: float = 0.0,
-                desc: str = "test") -> tuple[dict, np.ndarray, np.ndarray]:
-    """mAP and CMC of the test queries searched against the test database (`Splits.test_database()` order), both
-    embedded by `net` at model.image_size; returns (metrics, the queries' descriptors after αQE, the database's)."""
-    queries, db = splits.test_queries(), splits.test_database()
-    size, batch_size = params.model.image_size, params.index.batch_size
-    _, q_desc = embed_images(net, queries[URI].tolist(), batch_size=batch_size, image_size=size, desc=f"{desc} queries")
-    _, db_desc = embed_images(net, db[URI].tolist(), batch_size=batch_size, image_size=size, progress=True,
-                              desc=f"{desc} db")
-    metrics, q_desc = score_queries(q_desc, queries[LABEL], db_desc, db[LABEL], ranks=params.evaluate.cmc_ranks,
-                                    qe_k=qe_k, qe_alpha=qe_alpha)
-    return metrics, q_desc, db_desc
+def embed_test(net: RetrievalNet, splits: Splits, params: Params, desc: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """The test queries' and the test database's descriptors (`Splits` order), embedded as `net`'s meta says (a search
+    model's resolution and scales, else model.image_size)."""
+    return tuple(embed_images(net, rows[URI].tolist(), batch_size=params.index.batch_size, progress=True,
+                              desc=f"{desc}: {name}")[1]
+                 for name, rows in (("queries", splits.test_queries()), ("database", splits.test_database())))
+
+
+def test_scores(net: RetrievalNet, splits: Splits, params: Params, desc: str = "test",
+                descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> Scores:
+    """Both test protocols for `net`, ranked with its meta's reranking: per-query scores, for CIs. `descriptors`:
+    the (queries, database) descriptors when they are at hand (else `embed_test`)."""
+    q_desc, db_desc = descriptors if descriptors is not None else embed_test(net, splits, params, desc)
+    return score_test(q_desc, splits.test_queries()[LABEL], db_desc, splits.test_database()[LABEL],
+                      reranking_of(net.meta), Figures(params.evaluate.cmc_ranks, params.evaluate.recall_ks))
 
 
 def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_dir: Path, select: str,
-                    after_training: Callable[[Path], None] | None = None, extra_params: dict | None = None) -> dict:
+                    extra_params: dict | None = None) -> dict:
     """Run a training loop as a Ray Train job inside an MLflow run; write model_dir/{best.pt, history.json,
     meta.json} and metrics/<stage>.json (best epoch, its val metrics, val mAP before training, wall time).
-    `after_training(model_dir)` may rewrite best.pt (e.g. add whitening) before it is recorded; `extra_params`
-    are logged beside the params sections (values that come from elsewhere, e.g. tuned margins)."""
+    `extra_params` are logged beside the params sections (values that come from elsewhere, e.g. tuned margins)."""
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run(stage, {**params_dict(params, "model", stage, "ray"), **(extra_params or {})}), \
             stopwatch() as timing:
         history, best = train_logged(loop, job, stage, params, model_dir, select)
-        if after_training is not None:
-            after_training(model_dir)
         write_json(model_dir / "meta.json", read_checkpoint(model_dir / BEST_MODEL_FILE)["meta"])
         summary = {"best_epoch": int(best["epoch"]), **{k: v for k, v in best.items() if k.startswith("val_")},
                    "val_map_before_training": history[0]["val_map"]}

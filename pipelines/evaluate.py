@@ -1,5 +1,8 @@
-"""Stage evaluate: test queries against the index (mAP, CMC), next to the off-the-shelf ImageNet backbone;
-distance histograms; register the model in MLflow and move the champion alias only if it beats the holder."""
+"""Stage evaluate: four systems on the test classes, touched once — off-the-shelf ImageNet, off-the-shelf with its
+training-free choices (the best training-free baseline), fine-tuned, and fine-tuned with its choices (the full
+pipeline: the index and the search model). Both protocols (Firearm queries, leave-one-out), 95% class-bootstrap CIs,
+paired CIs of the gains; distance histograms; register the search model in MLflow and move the champion alias only
+if its leave-one-out test mAP beats the holder's."""
 
 from __future__ import annotations
 
@@ -10,65 +13,95 @@ import numpy as np
 import pandas as pd
 
 from components import tracking
+from components.data.contract import LABEL, URI
 from components.data.images import load_rgb
 from components.errors import FiresightError
+from components.evaluation.bootstrap import format_gain
 from components.evaluation.metrics import distance_summary, pair_distances
-from components.evaluation.protocol import score_queries
 from components.evaluation.plots import plot_distance_histograms
 from components.models.net import load_net
 from components.search.embed import embed_images
+from components.search.postprocess import reranking_of
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
-from pipelines.common import git_commit, load_splits, manifest_digest, net_spec, params_dict, stopwatch, test_scores
+from pipelines.common import embed_test, git_commit, load_splits, manifest_digest, net_spec, params_dict, stopwatch, test_scores
 from pipelines.params import Params
-from pipelines.paths import INDEX_DIR, MANIFEST, METRICS_FILE, PLOTS_DIR, RETRIEVAL_DIR
+from pipelines.paths import INDEX_DIR, MANIFEST, METRICS_FILE, OFF_THE_SHELF_DIR, PLOTS_DIR, RETRIEVAL_DIR, SEARCH_DIR
 
 log = logging.getLogger(__name__)
 EXAMPLE_SIDE = 64  # the registered model's input example: one test image shrunk to this longer side
+FULL = "full pipeline"
+GAINS = {  # name: (system, compared with)
+    "over the best training-free": (FULL, "off-the-shelf + free wins"),
+    "over off-the-shelf": (FULL, "off-the-shelf"),
+    "fine-tuning alone": ("fine-tuned", "off-the-shelf"),
+    "free wins on the fine-tuned": (FULL, "fine-tuned"),
+}
 
 
 def main(params: Params) -> None:
     tracking.configure(params.tracking.uri, params.tracking.experiment)  # a tracking server that is down fails here
+    splits = load_splits()
+    queries, db = splits.test_queries(), splits.test_database()
+    ids = read_parquet(INDEX_DIR / "ids.parquet")
+    if not ids["id"].equals(db["id"].reset_index(drop=True)):
+        raise FiresightError(f"{INDEX_DIR}: its ids are not the split's test database; run the index stage again")
+    e = params.evaluate
+    boot = (e.bootstrap.resamples, e.bootstrap.confidence, e.bootstrap.seed)
+
     with stopwatch() as timing:
-        splits = load_splits()
-        queries = splits.test_queries()
-        ids = read_parquet(INDEX_DIR / "ids.parquet")
-        db_desc = np.load(INDEX_DIR / "descriptors.npy")
-        size, bs, ranks = params.model.image_size, params.index.batch_size, params.evaluate.cmc_ranks
-
-        net = load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)
-        _, q_desc = embed_images(net, queries["uri"].tolist(), batch_size=bs, image_size=size, progress=True, desc="queries")
-        # mAP needs the whole database ranked: exact search over the index's descriptors, whatever index.kind serves
-        finetuned, q_desc = score_queries(q_desc, queries["label"], db_desc, ids["label"], ranks=ranks,
-                                          qe_k=params.evaluate.qe_k, qe_alpha=params.evaluate.qe_alpha)
-
-        if not ids["id"].equals(splits.test_database()["id"]):
-            raise FiresightError(f"{INDEX_DIR}: its ids are not the split's test database; run the index stage again")
-        # the same architecture, never trained here
-        baseline, base_q, base_db = test_scores(net_spec(params.model).build().eval(), splits, params, desc="off-the-shelf")
-
-        distances = {
-            "fine-tuned": pair_distances(q_desc, queries["label"], db_desc, ids["label"]),
-            "off-the-shelf": pair_distances(base_q, queries["label"], base_db, ids["label"]),
-        }
+        search_net = load_net(SEARCH_DIR / BEST_MODEL_FILE)
+        query_desc = embed_images(search_net, queries[URI].tolist(), batch_size=params.index.batch_size, progress=True,
+                                  desc=f"{FULL}: queries")[1]
+        descriptors = {FULL: (query_desc, np.load(INDEX_DIR / "descriptors.npy"))}  # the database as indexed
+        nets = {"off-the-shelf": net_spec(params.model).build().eval(),  # the same architecture, never trained here
+                "off-the-shelf + free wins": load_net(OFF_THE_SHELF_DIR / BEST_MODEL_FILE),
+                "fine-tuned": load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)}
+        descriptors.update({name: embed_test(net, splits, params, name) for name, net in nets.items()})
+        nets[FULL] = search_net
+        scores = {name: test_scores(nets[name], splits, params, descriptors=pair) for name, pair in descriptors.items()}
+        summaries = {name: s.summary(*boot) for name, s in scores.items()}
+        gains = {name: scores[a].gain_over(scores[b], *boot) for name, (a, b) in GAINS.items()}
+        distances = {name: pair_distances(descriptors[name][0], queries[LABEL], descriptors[name][1], db[LABEL])
+                     for name in ("off-the-shelf", "fine-tuned")}
         plot_distance_histograms(distances, PLOTS_DIR / "distances.png",
                                  title="Test query–database distances: same class vs different class")
     metrics = {
-        "test": finetuned,
-        "off_the_shelf": baseline,
-        "gain": {k: round(finetuned[k] - baseline[k], 6) for k in finetuned if k == "map" or k.startswith("cmc@")},
+        "test": summaries[FULL],
+        "baselines": {name: s for name, s in summaries.items() if name != FULL},
+        "gains": gains,
+        "recipes": {name: _recipe(net.meta) for name, net in nets.items()},
         "distances": {name: distance_summary(*pair) for name, pair in distances.items()},
         **timing,
     }
     write_json(METRICS_FILE, metrics)
-    log.info("test mAP %.4f (off-the-shelf %.4f), CMC@1 %.4f (off-the-shelf %.4f)",
-             finetuned["map"], baseline["map"], finetuned["cmc@1"], baseline["cmc@1"])
-    _register(params, metrics, queries, net.meta)
+    loo = summaries[FULL]["leave_one_out"]
+    log.info("test leave-one-out mAP %.4f [%.4f, %.4f]; gain over the best training-free %s, over off-the-shelf %s",
+             loo["map"]["value"], loo["map"]["lo"], loo["map"]["hi"],
+             format_gain(gains["over the best training-free"]["leave_one_out"]["map"]),
+             format_gain(gains["over off-the-shelf"]["leave_one_out"]["map"]))
+    _register(params, metrics, queries, search_net.meta)
+
+
+def _recipe(meta: dict) -> str:
+    return (f"{meta['image_size']} px, scales {meta.get('scales', [1.0])}, whitening {meta.get('whitening', 'none')}, "
+            f"reranking {reranking_of(meta).describe()}")
+
+
+def _flat(summary: dict) -> dict[str, float]:
+    """MLflow metric names of a summary: <protocol>_<figure> and its _lo/_hi."""
+    out = {}
+    for protocol, figures in summary.items():
+        for figure, v in figures.items():
+            if isinstance(v, dict):
+                key = f"{protocol}_{figure.replace('@', '_at_')}"
+                out.update({key: v["value"], f"{key}_lo": v["lo"], f"{key}_hi": v["hi"]})
+    return out
 
 
 def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) -> None:
-    example = load_rgb(queries["uri"].iloc[0])
+    example = load_rgb(queries[URI].iloc[0])
     example.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
     tags = {
         "git_commit": git_commit(),
@@ -77,18 +110,24 @@ def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) 
         "pooling": meta["pooling"],
         "criterion": json.dumps(meta.get("criterion"), sort_keys=True),
         "sampler": json.dumps(meta.get("sampler"), sort_keys=True),
+        "search_recipe": metrics["recipes"][FULL],
     }
     with tracking.stage_run("evaluate", params_dict(params, "model", "evaluate"), tags):
-        tracking.mlflow.log_metrics({f"test_{k.replace('@', '_at_')}": float(v) for k, v in metrics["test"].items()})
-        tracking.mlflow.log_metrics({f"off_the_shelf_{k.replace('@', '_at_')}": float(v) for k, v in metrics["off_the_shelf"].items()})
+        tracking.mlflow.log_metrics({f"test_{k}": v for k, v in _flat(metrics["test"]).items()})
+        for name, summary in metrics["baselines"].items():
+            tracking.mlflow.log_metrics({f"{name.replace(' + ', '_').replace(' ', '_').replace('-', '_')}_{k}": v
+                                         for k, v in _flat(summary).items()})
+        for name, gain in metrics["gains"].items():
+            tracking.mlflow.log_metrics({f"gain_{name.replace(' ', '_').replace('-', '_')}_{p}_map": g["map"]["diff"]
+                                         for p, g in gain.items()})
         tracking.mlflow.log_artifact(str(PLOTS_DIR / "distances.png"), "plots")
         tracking.register_model(
-            checkpoint=RETRIEVAL_DIR / BEST_MODEL_FILE,
+            checkpoint=SEARCH_DIR / BEST_MODEL_FILE,
             example_image=np.asarray(example),
             name=params.evaluate.registered_model,
             alias=params.evaluate.champion_alias,
-            metric="test_map",
-            value=metrics["test"]["map"],
+            metric="test_loo_map",
+            value=metrics["test"]["leave_one_out"]["map"]["value"],
             tags=tags,
         )
 

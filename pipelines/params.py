@@ -98,11 +98,6 @@ class ClassifyParams(_TrainParams):
     head_lr_multiplier: float = Field(gt=0, le=1000, description="the new linear head's lr = lr × this")
 
 
-class WhiteningParams(_Section):
-    enabled: bool
-    dim: int | None = Field(ge=1, le=2**16, description="output dimension (PCA reduction); null keeps all")
-
-
 class _Named(_Section):
     """A registry entry chosen by params: `{name: ..., args: {...}}` (components/registry.py)."""
 
@@ -277,7 +272,6 @@ class RetrievalParams(_TrainParams):
     sampler: Sampler = Field(description="how batches are drawn, from components.training.batches.SAMPLERS")
     miner: Miner | None = Field(description="in-batch mining, from components.miners.MINERS; null: "
                                                             "the sampler's pairs (or the whole batch)")
-    whitening: WhiteningParams
 
     @model_validator(mode="after")
     def _triplets_formable(self):
@@ -372,14 +366,54 @@ class IndexParams(_Section):
     nlist: int = Field(ge=1, le=10**7, description="ivfpq: k-means cells")
     pq_m: int = Field(ge=1, le=1024, description="ivfpq: bytes per code (must divide the descriptor dimension)")
     nprobe: int = Field(ge=1, le=10**7, description="ivfpq: cells searched per query")
-    dba_k: int = Field(ge=0, le=10**4, description="database-side augmentation neighbours; 0 = off")
-    dba_alpha: float = Field(ge=0, le=100)
+
+
+Neighbours = Annotated[int, Field(ge=0, le=10**4)]
+Alpha = Annotated[float, Field(ge=0, le=100)]
+
+
+class WhiteningCandidates(_Section):
+    kinds: list[Literal["center", "pca", "learned"]] = Field(description="tried besides none")
+    dims: list[Annotated[int, Field(ge=1, le=2**16)] | None] = Field(min_length=1, description="pca/learned: kept dimensions (null: all)")
+    shrinkages: list[Annotated[float, Field(ge=0, le=1)]] = Field(min_length=1, description="pca/learned: eigenvalue shrinkage")
+
+
+class AugmentationCandidates(_Section):
+    k: list[Neighbours] = Field(min_length=1, description="neighbours (0 = off)")
+    alpha: list[Alpha] = Field(min_length=1, description="weight exponents")
+
+
+class KReciprocalCandidates(_Section):
+    k1: list[Annotated[int, Field(ge=1, le=10**4)]] = Field(description="empty: k-reciprocal re-ranking is not tried")
+    k2: list[Annotated[int, Field(ge=1, le=10**4)]] = Field(min_length=1)
+    lambda_value: list[Annotated[float, Field(ge=0, le=1)]] = Field(min_length=1)
+
+
+class PostprocessParams(_Section):
+    image_sizes: list[Annotated[int, Field(ge=32, le=MAX_SIDE)]] = Field(description="tried besides model.image_size")
+    scale_sets: list[list[Annotated[float, Field(gt=0, le=4)]]] = Field(min_length=1, description="multi-scale descriptor sets")
+    whitening: WhiteningCandidates
+    dba: AugmentationCandidates
+    qe: AugmentationCandidates
+    k_reciprocal: KReciprocalCandidates
+
+    @model_validator(mode="after")
+    def _scale_sets_nonempty(self):
+        if any(not scales for scales in self.scale_sets):
+            raise ValueError("scale_sets: every set needs at least one scale")
+        return self
+
+
+class BootstrapParams(_Section):
+    resamples: int = Field(ge=100, le=10**6, description="class resamples per confidence interval")
+    confidence: float = Field(gt=0.5, lt=1)
+    seed: Seed
 
 
 class EvaluateParams(_Section):
     cmc_ranks: list[Annotated[int, Field(ge=1, le=10**7)]] = Field(min_length=1)
-    qe_k: int = Field(ge=0, le=10**4, description="αQE neighbours; 0 = off")
-    qe_alpha: float = Field(ge=0, le=100, description="αQE weight exponent; 0 = plain average QE")
+    recall_ks: list[Annotated[int, Field(ge=1, le=10**7)]] = Field(min_length=1, description="Recall@K of the leave-one-out protocol")
+    bootstrap: BootstrapParams
     registered_model: str
     champion_alias: str
 
@@ -397,6 +431,7 @@ class Params(_Section):
     tune: TuneParams
     retrieval: RetrievalParams
     ray: RayParams
+    postprocess: PostprocessParams
     index: IndexParams
     evaluate: EvaluateParams
     tracking: TrackingParams

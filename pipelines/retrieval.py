@@ -1,21 +1,20 @@
 """Stage retrieval: metric-learning fine-tune (default: double-margin contrastive from the best classifier), a Ray
-Train job; optional PCA-whitening learned on the train classes afterwards."""
+Train job (whitening and the other training-free choices are the postprocess stage's)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
-from components.data.contract import URI, Splits
+from components.data.contract import Splits
 from components.errors import FiresightError
 from components.models.spec import NetSpec
 from components.training.context import BEST_MODEL_FILE
 from components.training.jobs import RetrievalJob
 from components.training.retrieval import train_retrieval
 from pipelines._runner import run_stage
-from pipelines.common import fit_whitening, labelled, load_splits, net_spec, optimisation, train_and_track, val_set
+from pipelines.common import labelled, load_splits, net_spec, optimisation, train_and_track, val_set
 from pipelines.params import Params, ParamsError, RetrievalParams, unflatten, with_overrides
 from pipelines.paths import BEST_PARAMS, CLASSIFY_DIR, RETRIEVAL_DIR
 
@@ -42,18 +41,6 @@ def retrieval_job(params: Params, p: RetrievalParams, splits: Splits, nets: dict
     )
 
 
-def whitening_step(params: Params, p: RetrievalParams, splits: Splits):
-    """The post-training step that learns whitening on the train classes, or None when it is off."""
-    if not p.whitening.enabled:
-        return None
-    uris = splits.train_images()[URI].tolist()
-
-    def whiten(model_dir: Path) -> None:
-        fit_whitening(model_dir / BEST_MODEL_FILE, uris, p.whitening.dim, params.model.image_size, params.index.batch_size)
-
-    return whiten
-
-
 def chosen_overrides() -> dict[str, Any]:
     """The retrieval params the tune stage chose ({path: value}; none when the search is off)."""
     try:
@@ -77,8 +64,7 @@ def main(params: Params) -> None:
     if overrides:
         logging.getLogger(__name__).info("tuned %s from %s", ", ".join(f"{k}={v}" for k, v in overrides.items()), BEST_PARAMS)
     train_and_track("retrieval", train_retrieval, retrieval_job(params, p, splits, starting_nets(params)), params,
-                    RETRIEVAL_DIR,
-                    select="val_map", after_training=whitening_step(params, p, splits),
+                    RETRIEVAL_DIR, select="val_map",
                     extra_params={"tuned": {**overrides, "from": str(BEST_PARAMS)}} if overrides else None)
 
 

@@ -24,7 +24,7 @@ os.environ.pop("RAY_ADDRESS", None)
 def tiny_sample(target: Path, classes: int, per_class: int, max_side: int = 64) -> list[tuple[str, str]]:
     """Copy `classes` × `per_class` real images of the committed sample, shrunk to `max_side`; return (path, label)."""
     rows = []
-    names = sorted(d.name for d in SAMPLE.iterdir() if d.is_dir() and d.name != "BACKGROUND_Google")[:classes]
+    names = sorted(d.name for d in SAMPLE.iterdir() if d.is_dir())[:classes]
     for name in names:
         (target / name).mkdir(parents=True, exist_ok=True)
         for f in sorted((SAMPLE / name).iterdir())[:per_class]:
@@ -152,6 +152,10 @@ TINY_PARAMS = {  # a whole `dvc repro` in a few minutes on 2 CPU cores
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
     "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
                   "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
+    "postprocess": {"image_sizes": [], "scale_sets": [[1.0]],  # a few of each step's candidates, at 64 px
+                    "whitening": {"kinds": ["center"], "dims": [None], "shrinkages": [0.5]},
+                    "dba": {"k": [0, 2], "alpha": [3.0]}, "qe": {"k": [0, 2], "alpha": [3.0]},
+                    "k_reciprocal": {"k1": [], "k2": [2], "lambda_value": [0.3]}},
 }
 
 

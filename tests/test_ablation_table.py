@@ -2,9 +2,13 @@ from pipelines.ablation import ROWS, markdown_table
 from pipelines.params import load_params, with_overrides
 
 
-def test_rows_cover_the_papers_table():
-    assert [r.name for r in ROWS] == ["off-the-shelf", "retr-s", "retr-d", "cls", "cls + retr-d", "cls + triplet",
-                                      "cls + retr-d + whitening + αQE"]
+def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
+    assert [r.name for r in ROWS] == ["off-the-shelf", "off-the-shelf + free wins", "retr-s", "retr-d", "cls",
+                                      "cls + retr-d", "cls + triplet", "cls + retr-d + free wins"]
+    seen = set()
+    for row in ROWS:
+        assert row.parent is None if not seen else row.parent in seen  # compared with a row already scored
+        seen.add(row.name)
     retrieval = load_params("params.yaml").retrieval
     rows = {r.name: with_overrides(retrieval, r.train) for r in ROWS if r.train is not None}
     assert rows["retr-s"].criterion.args.pos_margin == 0.0  # single vs double margin
@@ -12,11 +16,20 @@ def test_rows_cover_the_papers_table():
     assert rows["cls + triplet"].criterion.name == "batch_hard_triplet" and rows["cls + triplet"].sampler.name == "class_balanced"
 
 
-def test_markdown_table_reports_relative_change():
+def _summary(value: float) -> dict:
+    ci = lambda v: {"value": v, "lo": v - 0.05, "hi": v + 0.05}
+    return {"leave_one_out": {"map": ci(value), "map@r": ci(value - 0.2), "recall@1": ci(0.9), "queries": 40},
+            "firearm": {"map": ci(value + 0.01), "cmc@1": ci(0.8), "queries": 4, "database": 36}}
+
+
+def test_markdown_table_shows_cis_and_the_paired_gain_over_the_parent():
     params = load_params("params.yaml")
-    rows = [{"row": "off-the-shelf", "map": 0.5, "cmc@1": 0.6, "cmc@5": 0.8, "cmc@10": 0.9, "queries": 4, "database": 20, "wall_seconds": 3},
-            {"row": "cls + retr-d", "map": 0.6, "cmc@1": 0.7, "cmc@5": 0.8, "cmc@10": 0.9, "queries": 4, "database": 20,
+    rows = [{"row": "off-the-shelf", "parent": None, **_summary(0.5), "gain_over_parent": None, "wall_seconds": 3},
+            {"row": "cls + retr-d", "parent": "off-the-shelf", **_summary(0.6),
+             "gain_over_parent": {"leave_one_out": {"map": {"diff": 0.1, "lo": 0.07, "hi": 0.13}}},
              "best_epoch": 2, "val_map_start": 0.55, "val_map_last": 0.61, "val_map_best": 0.62, "wall_seconds": 4}]
-    table = markdown_table(rows, params, qe_k=5, qe_alpha=3.0)
-    assert "| cls + retr-d | 0.6000 | 0.700 | 0.800 | 0.900 | +20.0% | 0.550 → 0.610 (2) | 4 |" in table
-    assert "| off-the-shelf | 0.5000 |" in table and "4 queries against 20 database images" in table
+    table = markdown_table(rows, params)
+    assert ("| cls + retr-d | 0.6000 [0.5500, 0.6500] | 0.4000 | 0.900 | 0.6100 [0.5600, 0.6600] | 0.800 | "
+            "+0.1000 [+0.0700, +0.1300] vs off-the-shelf | 0.550 → 0.620 (2) | 4 |") in table
+    assert "| off-the-shelf | 0.5000 [0.4500, 0.5500] |" in table and "| — | — | 3 |" in table
+    assert "leave-one-out over 40 images" in table and "4 queries against 36 database images" in table

@@ -24,6 +24,10 @@ TINY = {
              "asha": {"enabled": False, "grace_period": 1, "reduction_factor": 2}},
     "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
                   "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
+    "postprocess": {"image_sizes": [80], "scale_sets": [[1.0], [1.0, 0.75]],
+                    "whitening": {"kinds": ["center", "pca", "learned"], "dims": [32], "shrinkages": [0.5]},
+                    "dba": {"k": [0, 2], "alpha": [3.0]}, "qe": {"k": [0, 2], "alpha": [3.0]},
+                    "k_reciprocal": {"k1": [6], "k2": [2], "lambda_value": [0.3]}},
 }
 
 
@@ -44,8 +48,8 @@ def _set_params(repo: Path, changes: dict) -> None:
 
 def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     repo = repo_copy
-    tiny_sample(repo / "data" / "sample", classes=12, per_class=8)
-    (repo / "data" / "sample" / "anchor" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    first_class = tiny_sample(repo / "data" / "sample", classes=12, per_class=8)[0][1]
+    (repo / "data" / "sample" / first_class / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     _set_params(repo, TINY)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -56,7 +60,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     log = _dvc(repo, "repro")
     with capsys.disabled():  # against test_pipeline_s3's, in the test log
         print(f"\ndvc repro, embedded defaults: {time.monotonic() - start:.1f} s")
-    for stage in ("scan", "ingest", "split", "classify", "tune", "retrieval", "index", "evaluate"):
+    for stage in ("scan", "ingest", "split", "classify", "tune", "retrieval", "postprocess", "index", "evaluate"):
         assert f"Running stage '{stage}'" in log
         assert re.search(rf"^firesight {stage}: done in [0-9.]+ s.* \(log: logs/{stage}\.log\)$", log, re.M), log
     # what the terminal shows: each epoch's bar and one line per stage (21 KB before, mostly Ray's and MLflow's)
@@ -70,7 +74,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     assert "MLflow database tables" in (repo / "logs" / "classify.log").read_text()
 
     report = json.loads((repo / "data/ingest_report.json").read_text())
-    assert [q["file"].endswith("anchor/broken.jpg") for q in report["quarantine"]] == [True]
+    assert [q["file"].endswith(f"{first_class}/broken.jpg") for q in report["quarantine"]] == [True]
     splits = pd.read_parquet(repo / "data/splits.parquet")
     test_db = splits[(splits["split"] == "test") & (splits["role"] == "db")]
     ids = pd.read_parquet(repo / "index/ids.parquet")
@@ -78,13 +82,29 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     import numpy as np
     import faiss
     descriptors = np.load(repo / "index/descriptors.npy")
-    assert descriptors.shape == (len(ids), 1280) and faiss.read_index(str(repo / "index/faiss.index")).ntotal == len(ids)
+    search_meta = json.loads((repo / "models/search/meta.json").read_text())  # the postprocess stage's choice
+    assert search_meta["image_size"] in (64, 80) and search_meta["scales"] in ([1.0], [1.0, 0.75])
+    assert descriptors.shape == (len(ids), search_meta["dim"]) and faiss.read_index(str(repo / "index/faiss.index")).ntotal == len(ids)
+    for model in ("search", "off_the_shelf"):
+        choice = json.loads((repo / "models" / model / "choice.json").read_text())
+        assert choice["val_map_chosen"] >= choice["val_map_start"] == choice["trials"][0]["val_map"]
+        assert {t["step"] for t in choice["trials"]} == {"resolution", "whitening", "dba", "qe", "k-reciprocal"}
 
     metrics = json.loads((repo / "metrics.json").read_text())
     queries = int((splits["split"].eq("test") & splits["role"].eq("query")).sum())
-    for key in ("test", "off_the_shelf"):
-        assert 0 < metrics[key]["map"] <= 1 and 0 <= metrics[key]["cmc@1"] <= metrics[key]["cmc@5"] <= 1
-        assert metrics[key]["queries"] == queries and metrics[key]["database"] == len(ids)
+    systems = [metrics["test"], *metrics["baselines"].values()]
+    assert set(metrics["baselines"]) == {"off-the-shelf", "off-the-shelf + free wins", "fine-tuned"}
+    for summary in systems:
+        for protocol in ("firearm", "leave_one_out"):
+            figures = summary[protocol]
+            assert 0 < figures["map"]["value"] <= 1 and figures["map"]["lo"] <= figures["map"]["value"] <= figures["map"]["hi"]
+            assert 0 <= figures["cmc@1"]["value"] <= figures["cmc@5"]["value"] <= 1
+        assert summary["firearm"]["queries"] == queries and summary["firearm"]["database"] == len(ids)
+        assert summary["leave_one_out"]["queries"] == queries + len(ids)
+    gain = metrics["gains"]["over the best training-free"]["leave_one_out"]["map"]
+    assert gain["diff"] == pytest.approx(metrics["test"]["leave_one_out"]["map"]["value"]
+                                         - metrics["baselines"]["off-the-shelf + free wins"]["leave_one_out"]["map"]["value"], abs=1e-5)
+    assert gain["lo"] <= gain["diff"] <= gain["hi"]
     assert (repo / "plots/distances.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((repo / "models/retrieval/history.json").read_text())[0]["epoch"] == 0
 
@@ -104,7 +124,7 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     champion = client.get_model_version_by_alias("firesight-retriever", "champion")
     assert str(champion.version) == "1"
     assert champion.tags["backbone"] == "tf_efficientnet_lite0" and champion.tags["pooling"] == "gem"
-    assert float(champion.tags["test_map"]) == pytest.approx(metrics["test"]["map"], abs=1e-6)
+    assert float(champion.tags["test_loo_map"]) == pytest.approx(metrics["test"]["leave_one_out"]["map"]["value"], abs=1e-6)
     assert len(champion.tags["data_manifest_sha256"]) == 64 and champion.tags["git_commit"] != "unknown"
     runs = client.search_runs([client.get_experiment_by_name("firesight").experiment_id])
     assert {r.data.tags["firesight.stage"] for r in runs} == {"classify", "tune", "tune-trial", "retrieval", "evaluate"}
@@ -127,6 +147,6 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
         assert f"Running stage '{stage}'" not in log
     versions = client.search_model_versions("name='firesight-retriever'")
     assert len(versions) == 2
-    best = max(versions, key=lambda v: float(v.tags["test_map"]))
+    best = max(versions, key=lambda v: float(v.tags["test_loo_map"]))
     assert str(client.get_model_version_by_alias("firesight-retriever", "champion").version) == str(best.version)
     assert "alias 'champion'" in (repo / "logs" / "evaluate.log").read_text()

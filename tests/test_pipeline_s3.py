@@ -19,7 +19,7 @@ from tests.conftest import TINY_PARAMS, dvc, git_commit_all, margin_space, mlflo
 pytestmark = pytest.mark.slow
 TUNE = {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1,
         "asha": {"enabled": False, "grace_period": 1, "reduction_factor": 2}}
-OUTPUTS = ["data/manifest.parquet", "data/splits.parquet", "models/classify/best.pt", "models/retrieval/best.pt",
+OUTPUTS = ["data/manifest.parquet", "data/splits.parquet", "models/classify/best.pt", "models/retrieval/best.pt", "models/search/best.pt",
            "tune/best_params.json", "index/faiss.index", "plots/distances.png"]
 
 
@@ -56,7 +56,7 @@ def test_dvc_repro_with_s3_and_an_mlflow_server(repo_copy: Path, s3_env: dict, t
         wall = time.monotonic() - start
         with capsys.disabled():  # the README's timing, in the test log
             print(f"\ndvc repro on S3 + an MLflow server: {wall:.1f} s")
-        for stage in ("ingest", "split", "classify", "tune", "retrieval", "index", "evaluate"):
+        for stage in ("ingest", "split", "classify", "tune", "retrieval", "postprocess", "index", "evaluate"):
             assert f"Running stage '{stage}'" in log
 
         manifest = pd.read_parquet(repo / "data/manifest.parquet")
@@ -75,7 +75,7 @@ def test_dvc_repro_with_s3_and_an_mlflow_server(repo_copy: Path, s3_env: dict, t
         assert {"classify", "tune", "tune-trial", "retrieval", "evaluate"} <= stages
         champion = client.get_model_version_by_alias("firesight-retriever", "champion")
         metrics = json.loads((repo / "metrics.json").read_text())
-        assert float(champion.tags["test_map"]) == pytest.approx(metrics["test"]["map"], abs=1e-6)
+        assert float(champion.tags["test_loo_map"]) == pytest.approx(metrics["test"]["leave_one_out"]["map"]["value"], abs=1e-6)
         mlflow_keys = _keys(s3, "mlflow")
         assert any(k.endswith("/MLmodel") for k in mlflow_keys) and any(k.endswith("best.pt") for k in mlflow_keys)
         retrieval_run = next(r for r in runs if r.data.tags.get("firesight.stage") == "retrieval")

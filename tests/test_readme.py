@@ -74,6 +74,6 @@ def test_readme_first_command_works_verbatim_in_a_clean_copy(tmp_path, capsys):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert STUB_MESSAGE not in output
-    for stage in ("scan", "ingest", "split", "classify", "tune", "retrieval", "index", "evaluate"):
+    for stage in ("scan", "ingest", "split", "classify", "tune", "retrieval", "postprocess", "index", "evaluate"):
         assert f"Running stage '{stage}'" in output
     assert (repo / "metrics.json").is_file() and (repo / ".venv" / "bin" / "dvc").is_file()

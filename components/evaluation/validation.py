@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Subset
 
 from components.data.datasets import ImageDataset
 from components.data.transforms import BatchTransform
-from components.evaluation.protocol import score_queries
+from components.evaluation.protocol import leave_one_out_map
 from components.models.net import Classifier, RetrievalNet
 from components.search.embed import embed_images
 from components.training.context import WorkerContext, gather_objects
@@ -42,9 +42,7 @@ def embed_all(net: RetrievalNet, uris: list[str], indices: np.ndarray, batch_siz
 
 
 def val_map(net: RetrievalNet, val: RetrievalValSet, batch_size: int, ctx: WorkerContext) -> float:
-    """mAP of the val queries searched against the rest of the val classes' images."""
+    """Leave-one-out mAP over the val classes' images (each queries all the others): the statistic every choice on
+    val is made by (best epoch, tuned params, post-processing), many more queries than the Firearm protocol's."""
     descriptors = embed_all(net, val.uris, np.arange(len(val.uris)), batch_size, ctx)
-    is_query = np.array(val.is_query)
-    labels = np.array(val.labels)
-    metrics, _ = score_queries(descriptors[is_query], labels[is_query], descriptors[~is_query], labels[~is_query])
-    return metrics["map"]
+    return leave_one_out_map(descriptors, np.array(val.labels))

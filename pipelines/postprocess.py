@@ -1,0 +1,99 @@
+"""Stage postprocess: the training-free choices (resolution, scales, whitening, DBA, αQE or k-reciprocal), made on
+the val classes for the fine-tuned model and, as the best training-free baseline, for the off-the-shelf one. Writes
+each as a search model: the network with its chosen whitening layer and a `meta` that says how to embed and rank."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from components.data.contract import LABEL, URI
+from components.evaluation.selection import Candidates, Choice, Whitener, choose_recipe
+from components.models.net import RetrievalNet, load_net, save_checkpoint
+from components.search.embed import embed_images
+from components.search.postprocess import KReciprocal
+from components.storage import write_json
+from components.training.context import BEST_MODEL_FILE
+from pipelines._runner import run_stage
+from pipelines.common import load_splits, net_spec, stopwatch
+from pipelines.params import Params, PostprocessParams
+from pipelines.paths import METRICS_DIR, OFF_THE_SHELF_DIR, POSTPROCESS_CHOICE, RETRIEVAL_DIR, SEARCH_DIR
+
+log = logging.getLogger(__name__)
+
+
+def candidates(p: PostprocessParams, image_size: int) -> Candidates:
+    """The params' candidates; the starting point (model.image_size, one scale, nothing else) is tried first."""
+    whiteners = [Whitener("none")] + [
+        Whitener(kind) if kind == "center" else Whitener(kind, dim, shrinkage)
+        for kind in p.whitening.kinds
+        for dim in ([None] if kind == "center" else p.whitening.dims)
+        for shrinkage in ([0.0] if kind == "center" else p.whitening.shrinkages)
+    ]
+    scale_sets = [(1.0,)] + [tuple(s) for s in p.scale_sets if tuple(s) != (1.0,)]
+    return Candidates(
+        image_sizes=tuple(dict.fromkeys([image_size, *p.image_sizes])),
+        scale_sets=tuple(scale_sets),
+        whiteners=tuple(whiteners),
+        dba=tuple((k, a) for k in p.dba.k for a in p.dba.alpha),
+        qe=tuple((k, a) for k in p.qe.k for a in p.qe.alpha),
+        k_reciprocal=tuple(KReciprocal(k1, min(k2, k1), lam) for k1 in p.k_reciprocal.k1
+                           for k2 in p.k_reciprocal.k2 for lam in p.k_reciprocal.lambda_value),
+    )
+
+
+def choose(net: RetrievalNet, name: str, params: Params) -> Choice:
+    """The recipe for `net`, chosen on the val set; whitening is fit on the train classes' images."""
+    splits = load_splits()
+    sets = {"val": splits.val_set(), "train": splits.train_images()}
+    cache: dict[tuple, np.ndarray] = {}
+
+    def embed(size: int, scales: tuple[float, ...], which: str) -> np.ndarray:
+        key = (size, scales, which)
+        if key not in cache:
+            _, cache[key] = embed_images(net, sets[which][URI].tolist(), batch_size=params.index.batch_size,
+                                         image_size=size, scales=scales, progress=True,
+                                         desc=f"{name}: {which} at {size} px x{len(scales)}")
+        return cache[key]
+
+    return choose_recipe(embed, sets["val"][LABEL].to_numpy(), sets["train"][LABEL].to_numpy(),
+                         candidates(params.postprocess, params.model.image_size))
+
+
+def save_search_model(net: RetrievalNet, choice: Choice, out_dir: Path) -> None:
+    """out_dir/best.pt: `net` with the chosen whitening as its layer and the recipe in its meta (image_size, scales,
+    reranking), so anything that loads it embeds and ranks as chosen; out_dir/choice.json: every candidate tried."""
+    if net.whitening is not None:
+        raise ValueError("the network already has a whitening layer: the postprocess stage chooses whitening")
+    if choice.whitening is not None:
+        net.set_whitening(*choice.whitening)
+    recipe = choice.recipe
+    save_checkpoint(out_dir / BEST_MODEL_FILE, net, {
+        "image_size": recipe.image_size, "scales": list(recipe.scales),
+        "whitening": recipe.whitener.describe(), "reranking": recipe.as_dict()["reranking"],
+    })
+    write_json(out_dir / POSTPROCESS_CHOICE, {"recipe": recipe.as_dict(), "described": recipe.describe(),
+                                         "val_map_start": choice.start_map, "val_map_chosen": choice.best_map,
+                                         "trials": choice.trials})
+
+
+def main(params: Params) -> None:
+    summary = {}
+    with stopwatch() as timing:
+        for name, net, out_dir in (("fine-tuned", load_net(RETRIEVAL_DIR / BEST_MODEL_FILE), SEARCH_DIR),
+                                   ("off-the-shelf", net_spec(params.model).build().eval(), OFF_THE_SHELF_DIR)):
+            choice = choose(net, name, params)
+            save_search_model(net, choice, out_dir)
+            summary[name] = {"recipe": choice.recipe.describe(), "val_map_start": choice.start_map,
+                             "val_map_chosen": choice.best_map}
+    write_json(METRICS_DIR / "postprocess.json", {**summary, **timing})
+    log.info("val mAP: fine-tuned %.4f → %.4f (%s); off-the-shelf %.4f → %.4f",
+             summary["fine-tuned"]["val_map_start"], summary["fine-tuned"]["val_map_chosen"],
+             summary["fine-tuned"]["recipe"], summary["off-the-shelf"]["val_map_start"],
+             summary["off-the-shelf"]["val_map_chosen"])
+
+
+if __name__ == "__main__":
+    run_stage("postprocess", main)
