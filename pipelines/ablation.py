@@ -95,7 +95,7 @@ def run(params: Params, output: Path) -> list[dict]:
                 scores[row.name] = test_scores(net, splits, params)
                 summary = scores[row.name].summary(*boot)
                 gain = scores[row.name].gain_over(scores[row.parent], *boot) if row.parent else None
-            tracking.mlflow.log_metrics({f"test_loo_map": summary["leave_one_out"]["map"]["value"],
+            tracking.mlflow.log_metrics({"test_loo_map": summary["leave_one_out"]["map"]["value"],
                                          "test_firearm_map": summary["firearm"]["map"]["value"]})
             results.append({"row": row.name, "parent": row.parent, **summary, "gain_over_parent": gain, **selection,
                             **timing})

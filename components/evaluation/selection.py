@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -43,7 +43,7 @@ class Whitener:
             return None
         if self.kind == "center":
             return fit_centering(descriptors)
-        dim = None if self.dim is None else min(self.dim, descriptors.shape[1], len(descriptors) - 1)
+        dim = min(self.dim or descriptors.shape[1], descriptors.shape[1], len(descriptors) - 1)  # centred data span n − 1
         if self.kind == "pca":
             return fit_pca_whitening(descriptors, dim, shrinkage=self.shrinkage)
         return fit_learned_whitening(descriptors, np.asarray(labels), dim, shrinkage=self.shrinkage)
@@ -94,31 +94,29 @@ class Recipe:
 
 @dataclass
 class Choice:
-    """The chosen recipe, its fitted whitening, and every candidate's val mAP in the order tried."""
+    """The chosen recipe, its fitted whitening, every candidate's val mAP in the order tried, and the chosen one's."""
 
     recipe: Recipe
     whitening: tuple[np.ndarray, np.ndarray] | None
-    trials: list[dict] = field(default_factory=list)
+    trials: list[dict]
+    best_map: float
 
     @property
     def start_map(self) -> float:
         return self.trials[0]["val_map"]
 
-    @property
-    def best_map(self) -> float:
-        return max(t["val_map"] for t in self.trials)
-
 
 def choose_recipe(embed: Embed, val_labels: Sequence, train_labels: Sequence, candidates: Candidates) -> Choice:
     """Choose, on val only: (image size, scales), then whitening (fit on the train set's descriptors at that
-    resolution), then DBA, then αQE, then k-reciprocal re-ranking. `embed(size, scales, "val" |
-    "train")` returns the un-whitened descriptors of that set. k-reciprocal re-ranking is tried in place of DBA and
-    αQE. A later step replaces the current choice only when it scores strictly higher, so ties keep the simpler
-    option tried first."""
+    resolution), then DBA, then αQE, then k-reciprocal re-ranking in place of both — the reranking steps from no
+    whitening and from the best whitening alike, the better end kept. `embed(size, scales, "val" | "train")` returns
+    the un-whitened descriptors of that set. A step replaces the current choice only when it scores strictly higher,
+    so ties keep the simpler option tried first."""
     trials: list[dict] = []
 
     def tried(step: str, option: str, value: float) -> float:
-        trials.append({"step": step, "option": option, "val_map": round(value, 6)})
+        value = round(value, 6)  # as recorded: choices compare what choice.json shows
+        trials.append({"step": step, "option": option, "val_map": value})
         log.debug("%s %s: val mAP %.4f", step, option, value)
         return value
 
@@ -131,9 +129,11 @@ def choose_recipe(embed: Embed, val_labels: Sequence, train_labels: Sequence, ca
                 best, best_map, val = Recipe(size, tuple(scales)), score, desc
     assert best is not None and val is not None
 
-    fitted, whitened = None, val
+    # whitening: the best one found goes on to the reranking steps beside "none" (reranking may favour either)
+    branches = [(best, best_map, None, val)]
     if any(w.kind != "none" for w in candidates.whiteners):
         train = embed(best.image_size, best.scales, "train")
+        top = None
         for whitener in candidates.whiteners:
             if whitener.kind == "none":
                 continue
@@ -144,19 +144,34 @@ def choose_recipe(embed: Embed, val_labels: Sequence, train_labels: Sequence, ca
                 continue
             candidate = whiten(val, params)
             score = tried("whitening", whitener.describe(), leave_one_out_map(candidate, val_labels, Reranking()))
-            if score > best_map:
-                best, best_map, fitted, whitened = replace(best, whitener=whitener), score, params, candidate
+            if top is None or score > top[1]:
+                top = (replace(best, whitener=whitener), score, params, candidate)
+        if top is not None:
+            branches.append(top)
 
-    def rerank_step(step: str, options: list[Reranking]) -> None:
-        nonlocal best, best_map
-        for reranking in options:
-            score = tried(step, reranking.describe(), leave_one_out_map(whitened, val_labels, reranking))
-            if score > best_map:
-                best, best_map = replace(best, reranking=reranking), score
-
-    rerank_step("dba", [Reranking(dba_k=k, dba_alpha=a) for k, a in candidates.dba if k])
-    base = best.reranking
-    rerank_step("qe", [replace(base, qe_k=k, qe_alpha=a) for k, a in candidates.qe if k])
-    rerank_step("k-reciprocal", [Reranking(k_reciprocal=kr) for kr in candidates.k_reciprocal])
+    results = []
+    for recipe, score, fitted, descriptors in branches:
+        recipe, score = _rerank_steps(recipe, score, descriptors, val_labels, candidates, tried)
+        results.append((recipe, score, fitted))
+    best, best_map, fitted = max(results, key=lambda r: r[1])  # the first (no whitening) on a tie
     log.info("chosen on val: %s (val mAP %.4f → %.4f)", best.describe(), trials[0]["val_map"], best_map)
-    return Choice(best, fitted, trials)
+    return Choice(best, fitted, trials, best_map)
+
+
+def _rerank_steps(recipe: Recipe, score: float, descriptors: np.ndarray, labels: Sequence, candidates: Candidates,
+                  tried: Callable[[str, str, float], float]) -> tuple[Recipe, float]:
+    """DBA, then αQE on the chosen DBA, then k-reciprocal in place of both, from `recipe` (scoring `score`): each
+    candidate kept only when strictly better."""
+    def step(name: str, options: list[Reranking]) -> None:
+        nonlocal recipe, score
+        for reranking in options:
+            value = tried(name, f"{recipe.whitener.describe()} + {reranking.describe()}",
+                          leave_one_out_map(descriptors, labels, reranking))
+            if value > score:
+                recipe, score = replace(recipe, reranking=reranking), value
+
+    step("dba", [Reranking(dba_k=k, dba_alpha=a) for k, a in candidates.dba if k])
+    base = recipe.reranking
+    step("qe", [replace(base, qe_k=k, qe_alpha=a) for k, a in candidates.qe if k])
+    step("k-reciprocal", [Reranking(k_reciprocal=kr) for kr in candidates.k_reciprocal])
+    return recipe, score
