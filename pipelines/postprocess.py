@@ -11,7 +11,7 @@ import numpy as np
 
 from components.data.contract import LABEL, URI
 from components.evaluation.selection import Candidates, Choice, Whitener, choose_recipe
-from components.models.net import RetrievalNet, load_net, save_checkpoint
+from components.models.net import RetrievalNet, load_net, read_checkpoint, save_checkpoint
 from components.search.embed import embed_images
 from components.search.postprocess import KReciprocal
 from components.storage import write_json
@@ -64,7 +64,8 @@ def choose(net: RetrievalNet, name: str, params: Params) -> Choice:
 
 def save_search_model(net: RetrievalNet, choice: Choice, out_dir: Path) -> None:
     """out_dir/best.pt: `net` with the chosen whitening as its layer and the recipe in its meta (image_size, scales,
-    reranking), so anything that loads it embeds and ranks as chosen; out_dir/choice.json: every candidate tried."""
+    reranking), so anything that loads it embeds and ranks as chosen; meta.json: that meta; choice.json: every
+    candidate tried."""
     if net.whitening is not None:
         raise ValueError("the network already has a whitening layer: the postprocess stage chooses whitening")
     if choice.whitening is not None:
@@ -74,6 +75,7 @@ def save_search_model(net: RetrievalNet, choice: Choice, out_dir: Path) -> None:
         "image_size": recipe.image_size, "scales": list(recipe.scales),
         "whitening": recipe.whitener.describe(), "reranking": recipe.as_dict()["reranking"],
     })
+    write_json(out_dir / "meta.json", read_checkpoint(out_dir / BEST_MODEL_FILE)["meta"])
     write_json(out_dir / POSTPROCESS_CHOICE, {"recipe": recipe.as_dict(), "described": recipe.describe(),
                                          "val_map_start": choice.start_map, "val_map_chosen": choice.best_map,
                                          "trials": choice.trials})
