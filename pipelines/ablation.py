@@ -31,7 +31,7 @@ from components.training.retrieval import train_retrieval
 from pipelines.common import git_commit, load_splits, net_spec, stopwatch, test_scores, train_logged
 from pipelines.params import DEFAULT_PARAMS, Params, load_params, with_overrides
 from pipelines.paths import CLASSIFY_DIR
-from pipelines.postprocess import choose, save_search_model
+from pipelines.postprocess import search_model
 from pipelines.retrieval import retrieval_job, starting_nets
 
 log = logging.getLogger("ablation")
@@ -85,9 +85,7 @@ def run(params: Params, output: Path) -> list[dict]:
                                  "val_map_last": history[-1]["val_map"], "val_map_best": best["val_map"]}
                 net = load_net(model_dir / BEST_MODEL_FILE) if row.train is not None else _start(row, params, models)
                 if row.free_wins:
-                    choice = choose(net, row.name, params)
-                    save_search_model(net, choice, model_dir)
-                    net = load_net(model_dir / BEST_MODEL_FILE)
+                    net, choice = search_model(net, row.name, params, splits, model_dir)
                     selection = {"recipe": choice.recipe.describe(), "val_map_start": choice.start_map,
                                  "val_map_best": choice.best_map}
                 if (model_dir / BEST_MODEL_FILE).is_file():

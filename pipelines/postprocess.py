@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.data.contract import LABEL, URI
+from components.data.contract import LABEL, URI, Splits
 from components.evaluation.selection import Candidates, Choice, Whitener, choose_recipe
 from components.models.net import RetrievalNet, load_net, read_checkpoint, save_checkpoint
 from components.search.embed import embed_images
@@ -44,9 +44,8 @@ def candidates(p: PostprocessParams, image_size: int) -> Candidates:
     )
 
 
-def choose(net: RetrievalNet, name: str, params: Params) -> Choice:
+def choose(net: RetrievalNet, name: str, params: Params, splits: Splits) -> Choice:
     """The recipe for `net`, chosen on the val set; whitening is fit on the train classes' images."""
-    splits = load_splits()
     sets = {"val": splits.val_set(), "train": splits.train_images()}
     cache: dict[tuple, np.ndarray] = {}
 
@@ -81,13 +80,19 @@ def save_search_model(net: RetrievalNet, choice: Choice, out_dir: Path) -> None:
                                          "trials": choice.trials})
 
 
+def search_model(net: RetrievalNet, name: str, params: Params, splits: Splits, out_dir: Path) -> tuple[RetrievalNet, Choice]:
+    """`net`'s recipe chosen on val, written to out_dir as a search model, and that model loaded back."""
+    choice = choose(net, name, params, splits)
+    save_search_model(net, choice, out_dir)
+    return load_net(out_dir / BEST_MODEL_FILE), choice
+
+
 def main(params: Params) -> None:
-    summary = {}
+    summary, splits = {}, load_splits()
     with stopwatch() as timing:
         for name, net, out_dir in (("fine-tuned", load_net(RETRIEVAL_DIR / BEST_MODEL_FILE), SEARCH_DIR),
                                    ("off-the-shelf", net_spec(params.model).build().eval(), OFF_THE_SHELF_DIR)):
-            choice = choose(net, name, params)
-            save_search_model(net, choice, out_dir)
+            _, choice = search_model(net, name, params, splits, out_dir)
             summary[name] = {"recipe": choice.recipe.describe(), "val_map_start": choice.start_map,
                              "val_map_chosen": choice.best_map}
     write_json(METRICS_DIR / "postprocess.json", {**summary, **timing})

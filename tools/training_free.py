@@ -18,11 +18,9 @@ from pathlib import Path
 
 import typer
 
-from components.models.net import load_net
-from components.training.context import BEST_MODEL_FILE
 from pipelines.common import load_splits, net_spec, test_scores
 from pipelines.params import DEFAULT_PARAMS, load_params
-from pipelines.postprocess import choose, save_search_model
+from pipelines.postprocess import search_model
 
 
 def main(config: Path | None = typer.Option(None, help="an override file of params.yaml"),
@@ -36,10 +34,9 @@ def main(config: Path | None = typer.Option(None, help="an override file of para
     base = test_scores(net, splits, params, "off-the-shelf")
     seconds["off-the-shelf test"] = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as folder:
-        choice = choose(net, "off-the-shelf", params)
-        save_search_model(net, choice, Path(folder))
+        search_net, choice = search_model(net, "off-the-shelf", params, splits, Path(folder))
         seconds["choice on val"] = time.perf_counter() - start - sum(seconds.values())
-        free = test_scores(load_net(Path(folder) / BEST_MODEL_FILE), splits, params, "free wins")
+        free = test_scores(search_net, splits, params, "free wins")
         seconds["free wins test"] = time.perf_counter() - start - sum(seconds.values())
     result = {"off-the-shelf": base.summary(*boot), "off-the-shelf + free wins": free.summary(*boot),
               "gain": free.gain_over(base, *boot), "recipe": choice.recipe.describe(),
@@ -47,7 +44,7 @@ def main(config: Path | None = typer.Option(None, help="an override file of para
               "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     output.write_text(json.dumps(result, indent=1))
     gain = result["gain"]["leave_one_out"]["map"]
-    typer.echo(f"leave-one-out test mAP: off-the-shelf {base.summary(*boot)['leave_one_out']['map']['value']:.4f}, "
+    typer.echo(f"leave-one-out test mAP: off-the-shelf {result['off-the-shelf']['leave_one_out']['map']['value']:.4f}, "
                f"with {choice.recipe.describe()} {result['off-the-shelf + free wins']['leave_one_out']['map']['value']:.4f} "
                f"(gain {gain['diff']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}]); {output}")
 

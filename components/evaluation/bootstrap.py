@@ -100,14 +100,10 @@ def paired_bootstrap_diff(
             f"systems must report the same metrics; only in a: {sorted(set(a) - set(b))}, "
             f"only in b: {sorted(set(b) - set(a))}"
         )
-    inverse, counts = _class_index(query_classes)
+    inverse, _ = _class_index(query_classes)
     sa, sb = _checked_scores(a, inverse.size), _checked_scores(b, inverse.size)
-    samples = _resampled_means({key: sa[key] - sb[key] for key in sa}, inverse, counts, n_resamples, confidence, seed)
-    result = {}
-    for key in sa:
-        lo, hi = _interval(samples[key], confidence)
-        result[key] = {"diff": float(sa[key].mean() - sb[key].mean()), "lo": lo, "hi": hi}
-    return result
+    cis = class_bootstrap_ci({key: sa[key] - sb[key] for key in sa}, query_classes, n_resamples, confidence, seed)
+    return {key: {"diff": ci["value"], "lo": ci["lo"], "hi": ci["hi"]} for key, ci in cis.items()}
 
 
 def format_gain(d: dict[str, float]) -> str:

@@ -123,10 +123,12 @@ def reranked_similarities(queries: npt.ArrayLike, database: npt.ArrayLike, reran
         return _masked(-dist, excluded)
     if leave_one_out and reranking.dba_k:
         return _leave_one_out_augmented(db, reranking)
-    if reranking.dba_k:
-        db = _dense_augmentation(db, reranking.dba_k, reranking.dba_alpha)
+    if reranking.dba_k:  # not leave-one-out: the index stage's own DBA and αQE
+        db = database_augmentation(db, reranking.dba_k, reranking.dba_alpha)
+    if reranking.qe_k and not leave_one_out:
+        q = alpha_query_expansion(q, db, reranking.qe_k, reranking.qe_alpha)
     sim = _masked(q @ db.T, excluded)
-    if reranking.qe_k:
+    if reranking.qe_k and leave_one_out:  # each query expanded over the others only
         scores, indices = _top_k(sim, reranking.qe_k)
         q = _normalise(q + _weighted_sum(scores, indices, db, reranking.qe_alpha), fallback=q)
         sim = _masked(q @ db.T, excluded)
@@ -169,14 +171,6 @@ def _leave_one_out_augmented(x: npt.NDArray[np.float32], reranking: Reranking) -
         out[i] = expanded / length
     out[eye] = -np.inf
     return out.astype(np.float32)
-
-
-def _dense_augmentation(db: npt.NDArray[np.float32], k: int, alpha: float) -> npt.NDArray[np.float32]:
-    """database_augmentation without faiss (ties broken by index): the item itself first, then its neighbours."""
-    scores, indices = _top_k(_masked(db @ db.T, np.eye(len(db), dtype=bool)), k - 1)
-    own = np.arange(len(db))[:, None]
-    scores = np.concatenate([np.ones((len(db), 1), dtype=np.float32), scores], axis=1)
-    return _normalise(_weighted_sum(scores, np.concatenate([own, indices], axis=1), db, alpha), fallback=db)
 
 
 def _masked(sim: npt.NDArray[np.float32], excluded: npt.NDArray[np.bool_] | None) -> npt.NDArray[np.float32]:
