@@ -77,14 +77,13 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     assert [q["file"].endswith(f"{first_class}/broken.jpg") for q in report["quarantine"]] == [True]
     splits = pd.read_parquet(repo / "data/splits.parquet")
     test_db = splits[(splits["split"] == "test") & (splits["role"] == "db")]
-    ids = pd.read_parquet(repo / "index/ids.parquet")
+    from components.catalog.store import SearchIndex
+    index = SearchIndex.open(repo / "index")
+    ids = index.entries
     assert sorted(ids["id"]) == sorted(test_db["id"])
-    import numpy as np
-    import faiss
-    descriptors = np.load(repo / "index/descriptors.npy")
     search_meta = json.loads((repo / "models/search/meta.json").read_text())  # the postprocess stage's choice
     assert search_meta["image_size"] in (64, 80) and search_meta["scales"] in ([1.0], [1.0, 0.75])
-    assert descriptors.shape == (len(ids), search_meta["dim"]) and faiss.read_index(str(repo / "index/faiss.index")).ntotal == len(ids)
+    assert index.descriptors.shape == (len(ids), search_meta["dim"]) and index.faiss_index.ntotal == len(ids)
     for model in ("search", "off_the_shelf"):
         choice = json.loads((repo / "models" / model / "choice.json").read_text())
         assert choice["val_map_chosen"] >= choice["val_map_start"] == choice["trials"][0]["val_map"]
@@ -106,6 +105,8 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
                                          - metrics["baselines"]["off-the-shelf + free wins"]["leave_one_out"]["map"]["value"], abs=1e-5)
     assert gain["lo"] <= gain["diff"] <= gain["hi"]
     assert (repo / "plots/distances.png").read_bytes()[:4] == b"\x89PNG"
+    gallery = (repo / "reports/gallery.html").read_text()  # every test query, worst first, with its top-10
+    assert gallery.count('<section class="query"') == queries and "src=\"http" not in gallery
     assert json.loads((repo / "models/retrieval/history.json").read_text())[0]["epoch"] == 0
 
     trials = pd.read_csv(repo / "tune/trials.csv")  # the margin search: 2 grid trials, the best one used
@@ -131,6 +132,14 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     tune_run = next(r for r in runs if r.data.tags["firesight.stage"] == "tune")
     assert tune_run.data.metrics[f"best_{NEG_MARGIN}"] == pytest.approx(chosen["overrides"][NEG_MARGIN])
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]) == 2
+
+    assert champion.tags["weights_sha256"] == index.model["weights_sha256"]  # the index knows its registered model
+    query = test_db["uri"].iloc[0]  # the README's search: the champion from the registry, the index from index/
+    found = subprocess.run([str(Path(sys.executable).with_name("firesight")), "search", query, "-k", "3", "--json"],
+                           cwd=repo, capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["queries"][0]["results"][0]["uri"] == query
 
     rerun = _dvc(repo, "repro")  # with nothing changed, only the scan runs (it always looks at the source)
     assert re.findall(r"Running stage '(\w+)'", rerun) == ["scan"], "a second repro must rerun nothing but the scan"

@@ -74,6 +74,12 @@ def load_rgb(uri: Path | str, max_pixels: int | None = None) -> Image.Image:
         raise DataError(f"{uri}: cannot read image: {e.strerror or e}") from None
 
 
+def decode_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode in-memory image bytes (an upload) as `load_rgb` decodes a file; `BadImage` with the reason if they are
+    not a usable image or have more than `max_pixels`."""
+    return _decode(io.BytesIO(data), max_pixels)[0]
+
+
 def _decode(source: IO[bytes], max_pixels: int | None) -> tuple[Image.Image, str]:
     """The upright 8-bit RGB image in `source` and its format; `BadImage` if it is not a usable image."""
     try:
