@@ -1,8 +1,8 @@
 """Stage evaluate: four systems on the test classes, touched once — off-the-shelf ImageNet, off-the-shelf with its
 training-free choices (the best training-free baseline), fine-tuned, and fine-tuned with its choices (the full
 pipeline: the index and the search model). Both protocols (Firearm queries, leave-one-out), 95% class-bootstrap CIs,
-paired CIs of the gains; distance histograms; register the search model in MLflow and move the champion alias only
-if its leave-one-out test mAP beats the holder's."""
+paired CIs of the gains; distance histograms; an HTML gallery of the test queries' top results; register the search
+model in MLflow and move the champion alias only if its leave-one-out test mAP beats the holder's."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import numpy as np
 import pandas as pd
 
 from components import tracking
-from components.data.contract import LABEL, URI
+from components.catalog.describe import DIGEST_KEY, model_digest
+from components.catalog.store import SearchIndex
+from components.data.contract import ID, LABEL, URI
 from components.data.images import load_rgb
 from components.errors import FiresightError
 from components.evaluation.bootstrap import format_gain
+from components.evaluation.gallery import top_results, write_gallery
 from components.evaluation.metrics import distance_summary, pair_distances
 from components.evaluation.plots import plot_distance_histograms
 from components.models.net import load_net
@@ -27,7 +30,8 @@ from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
 from pipelines.common import embed_test, git_commit, load_splits, manifest_digest, net_spec, params_dict, stopwatch, test_scores
 from pipelines.params import Params
-from pipelines.paths import INDEX_DIR, MANIFEST, METRICS_FILE, OFF_THE_SHELF_DIR, PLOTS_DIR, RETRIEVAL_DIR, SEARCH_DIR
+from pipelines.paths import (GALLERY, INDEX_DIR, MANIFEST, METRICS_FILE, OFF_THE_SHELF_DIR, PLOTS_DIR, RETRIEVAL_DIR,
+                             SEARCH_DIR)
 
 log = logging.getLogger(__name__)
 EXAMPLE_SIDE = 64  # the registered model's input example: one test image shrunk to this longer side
@@ -38,23 +42,25 @@ GAINS = {  # name: (system, compared with)
     "fine-tuning alone": ("fine-tuned", "off-the-shelf"),
     "free wins on the fine-tuned": (FULL, "fine-tuned"),
 }
+GALLERY_SYSTEMS = (FULL, "off-the-shelf")  # the gallery's rows per query: the search model next to where it began
 
 
 def main(params: Params) -> None:
     tracking.configure(params.tracking.uri, params.tracking.experiment)  # a tracking server that is down fails here
     splits = load_splits()
     queries, db = splits.test_queries(), splits.test_database()
-    ids = read_parquet(INDEX_DIR / "ids.parquet")
-    if not ids["id"].equals(db["id"].reset_index(drop=True)):
-        raise FiresightError(f"{INDEX_DIR}: its ids are not the split's test database; run the index stage again")
+    index = SearchIndex.open(INDEX_DIR)
+    if not index.entries[ID].equals(db[ID].reset_index(drop=True)):
+        raise FiresightError(f"{INDEX_DIR}: its images are not the split's test database; run the index stage again")
     e = params.evaluate
     boot = (e.bootstrap.resamples, e.bootstrap.confidence, e.bootstrap.seed)
 
     with stopwatch() as timing:
         search_net = load_net(SEARCH_DIR / BEST_MODEL_FILE)
+        index.check_model({DIGEST_KEY: model_digest(search_net)})
         query_desc = embed_images(search_net, queries[URI].tolist(), batch_size=params.index.batch_size, progress=True,
                                   desc=f"{FULL}: queries")[1]
-        descriptors = {FULL: (query_desc, np.load(INDEX_DIR / "descriptors.npy"))}  # the database as indexed
+        descriptors = {FULL: (query_desc, index.descriptors)}  # the database as indexed
         nets = {"off-the-shelf": net_spec(params.model).build().eval(),  # the same architecture, never trained here
                 "off-the-shelf + free wins": load_net(OFF_THE_SHELF_DIR / BEST_MODEL_FILE),
                 "fine-tuned": load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)}
@@ -76,12 +82,23 @@ def main(params: Params) -> None:
         **timing,
     }
     write_json(METRICS_FILE, metrics)
-    loo = summaries[FULL]["leave_one_out"]
+    log.info("gallery: %d queries → %s", _gallery(queries, db, descriptors, nets), GALLERY)
+    loo = summaries[FULL]["leave_one_out"]  # the stage's summary line (the last)
     log.info("test leave-one-out mAP %.4f [%.4f, %.4f]; gain over the best training-free %s, over off-the-shelf %s",
              loo["map"]["value"], loo["map"]["lo"], loo["map"]["hi"],
              format_gain(gains["over the best training-free"]["leave_one_out"]["map"]),
              format_gain(gains["over off-the-shelf"]["leave_one_out"]["map"]))
-    _register(params, metrics, queries, search_net.meta)
+    _register(params, metrics, queries, search_net.meta, index.model[DIGEST_KEY])
+
+
+def _gallery(queries: pd.DataFrame, db: pd.DataFrame, descriptors: dict[str, tuple[np.ndarray, np.ndarray]],
+             nets: dict) -> int:
+    """Write the HTML gallery of the Firearm protocol's test queries (each system ranked as its scores were), worst
+    first; return how many queries it shows."""
+    systems = {name: top_results(*descriptors[name], queries[LABEL], db[LABEL], reranking_of(nets[name].meta))
+               for name in GALLERY_SYSTEMS}
+    return write_gallery(GALLERY, queries[URI].tolist(), queries[LABEL].tolist(), db[URI].tolist(), db[LABEL].tolist(),
+                         systems, title="Firesight test gallery: " + " vs ".join(GALLERY_SYSTEMS))
 
 
 def _recipe(meta: dict) -> str:
@@ -100,7 +117,7 @@ def _flat(summary: dict) -> dict[str, float]:
     return out
 
 
-def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) -> None:
+def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict, digest: str) -> None:
     example = load_rgb(queries[URI].iloc[0])
     example.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
     tags = {
@@ -111,6 +128,7 @@ def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) 
         "criterion": json.dumps(meta.get("criterion"), sort_keys=True),
         "sampler": json.dumps(meta.get("sampler"), sort_keys=True),
         "search_recipe": metrics["recipes"][FULL],
+        DIGEST_KEY: digest,  # what `firesight` matches an index's model with
     }
     with tracking.stage_run("evaluate", params_dict(params, "model", "evaluate"), tags):
         tracking.mlflow.log_metrics({f"test_{k}": v for k, v in _flat(metrics["test"]).items()})
@@ -121,6 +139,7 @@ def _register(params: Params, metrics: dict, queries: pd.DataFrame, meta: dict) 
             tracking.mlflow.log_metrics({f"gain_{name.replace(' ', '_').replace('-', '_')}_{p}_map": g["map"]["diff"]
                                          for p, g in gain.items()})
         tracking.mlflow.log_artifact(str(PLOTS_DIR / "distances.png"), "plots")
+        tracking.mlflow.log_artifact(str(GALLERY), "reports")
         tracking.register_model(
             checkpoint=SEARCH_DIR / BEST_MODEL_FILE,
             example_image=np.asarray(example),

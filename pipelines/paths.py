@@ -21,3 +21,4 @@ INDEX_DIR = Path("index")
 METRICS_DIR = Path("metrics")  # metrics/<stage>.json
 METRICS_FILE = Path("metrics.json")  # evaluate's test metrics
 PLOTS_DIR = Path("plots")
+GALLERY = Path("reports/gallery.html")  # evaluate's look at the test queries' top results
