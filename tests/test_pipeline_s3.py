@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 TUNE = {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1,
         "asha": {"enabled": False, "grace_period": 1, "reduction_factor": 2}}
 OUTPUTS = ["data/manifest.parquet", "data/splits.parquet", "models/classify/best.pt", "models/retrieval/best.pt", "models/search/best.pt",
-           "tune/best_params.json", "index/faiss.index", "plots/distances.png"]
+           "tune/best_params.json", "index/CURRENT", "index/g000001/faiss.index", "plots/distances.png"]
 
 
 def _keys(s3, bucket: str) -> list[str]:
