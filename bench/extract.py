@@ -57,7 +57,7 @@ def run(mode: str) -> dict[str, Any]:
     torch.set_num_threads(default_threads)
     return {
         "images": {"source": images.source, "count": len(images), "classes": len(set(images.labels))},
-        "model": {"arch": params.model.backbone, "pooling": params.model.pooling, "image_size": side,
+        "model": {"arch": params.model.backbone, "pooling": params.model.pooling_spec().name, "image_size": side,
                   "batch_size": batch_size, "threads": default_threads},
         "ms_per_image": per_image,
         "decode": decode, "resize_and_pad": resize, "forward": forward,

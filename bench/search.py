@@ -55,7 +55,7 @@ def run(mode: str) -> dict[str, Any]:
     model.fill(synthetic_check, rng)
     result: dict[str, Any] = {
         "real": {"source": images.source, "images": len(images), "classes": len(set(images.labels)),
-                 "dim": int(real.shape[1]), "model": params.model.backbone, "pooling": params.model.pooling,
+                 "dim": int(real.shape[1]), "model": params.model.backbone, "pooling": params.model.pooling_spec().name,
                  "embedding": embedding},
         "realism": {"rows": check, "real": neighbour_similarity(real[rng.permutation(len(real))[:check]]),
                     "synthetic": neighbour_similarity(synthetic_check)},

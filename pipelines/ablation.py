@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 
 from components import tracking
+from components.data.contract import Splits
 from components.errors import FiresightError
 from components.evaluation.bootstrap import format_gain
 from components.evaluation.protocol import Scores
@@ -28,7 +29,7 @@ from components.models.net import RetrievalNet, load_net
 from components.storage import atomic_write_path, write_json
 from components.training.context import BEST_MODEL_FILE
 from components.training.retrieval import train_retrieval
-from pipelines.common import git_commit, load_splits, net_spec, stopwatch, test_scores, train_logged
+from pipelines.common import git_commit, load_splits, off_the_shelf, stopwatch, test_scores, train_logged
 from pipelines.params import DEFAULT_PARAMS, Params, load_params, with_overrides
 from pipelines.paths import CLASSIFY_DIR
 from pipelines.postprocess import search_model
@@ -83,7 +84,7 @@ def run(params: Params, output: Path) -> list[dict]:
                                                  "ablation", params, model_dir, select="val_map")
                     selection = {"best_epoch": int(best["epoch"]), "val_map_start": history[0]["val_map"],
                                  "val_map_last": history[-1]["val_map"], "val_map_best": best["val_map"]}
-                net = load_net(model_dir / BEST_MODEL_FILE) if row.train is not None else _start(row, params, models)
+                net = load_net(model_dir / BEST_MODEL_FILE) if row.train is not None else _start(row, params, splits, models)
                 if row.free_wins:
                     net, choice = search_model(net, row.name, params, splits, model_dir)
                     selection = {"recipe": choice.recipe.describe(), "val_map_start": choice.start_map,
@@ -109,10 +110,10 @@ def run(params: Params, output: Path) -> list[dict]:
     return results
 
 
-def _start(row: Row, params: Params, models: dict[str, Path]) -> RetrievalNet:
+def _start(row: Row, params: Params, splits: Splits, models: dict[str, Path]) -> RetrievalNet:
     """An untrained row's network: ImageNet's, the classifier, or an earlier row's."""
     if row.start in ("imagenet", "off-the-shelf"):
-        return net_spec(params.model).build().eval()
+        return off_the_shelf(params, splits)
     if row.start == "classifier":
         return load_net(CLASSIFY_DIR / BEST_MODEL_FILE)
     return load_net(models[row.start])
@@ -145,7 +146,7 @@ def markdown_table(results: list[dict], params: Params) -> str:
         f"Test: leave-one-out over {first['leave_one_out']['queries']} images of unseen classes (each queries all the "
         f"others); Firearm protocol: {first['firearm']['queries']} queries against {first['firearm']['database']} "
         f"database images. CIs: {params.evaluate.bootstrap.resamples} bootstrap resamples of the test classes; a gain's "
-        f"CI is paired (both rows on the same resampled classes). Backbone {m.backbone} ({m.weights}), {m.pooling} pooling, "
+        f"CI is paired (both rows on the same resampled classes). Backbone {m.backbone} ({m.weights}), {m.pooling_spec().name} pooling, "
         f"image size {m.image_size}, frozen stages {m.frozen_stages}; retrieval: {rp.epochs} epochs, lr {rp.lr}, "
         f"{_described(rp.criterion)} (retr-s: m+ 0) on {_described(rp.sampler)}; cls + triplet: "
         f"{_described(TRIPLET['criterion'])} on {_described(TRIPLET['sampler'])}; free wins: the postprocess stage's "

@@ -26,6 +26,7 @@ from components.search.embed import embed_images
 from components.search.postprocess import reranking_of
 from components.storage import is_remote, read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
+from components.training.fit import initialise_pooling
 from components.training.jobs import LabelledImages, Optimisation, RetrievalValSet
 from pipelines.params import ModelParams, Params, RayParams, _TrainParams
 from pipelines.paths import METRICS_DIR, SPLITS
@@ -60,6 +61,15 @@ def optimisation(p: _TrainParams) -> Optimisation:
                         p.rotation_degrees, p.color_jitter)
 
 
+def off_the_shelf(params: Params, splits: Splits) -> RetrievalNet:
+    """The ImageNet network with the configured pooling, never trained: a pooling that starts from data (NetVLAD's
+    k-means centres) is initialised from the train classes' images, as training would start it."""
+    net = net_spec(params.model).build().eval()
+    train = splits.train_images()
+    initialise_pooling(net, LabelledImages(train[URI].tolist(), [0] * len(train)), params.index.batch_size, seed=0)
+    return net
+
+
 def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
     """The starting network; its weights file is checked here, before any Ray worker starts."""
     weights = None if m.weights == "none" else m.weights
@@ -69,8 +79,9 @@ def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
         if not Path(weights).is_file():
             raise WeightsError(f"model.weights: file not found: {weights} (Firesight never downloads weights)")
         weights = str(Path(weights).resolve())  # Ray workers may run elsewhere in the tree
-    return NetSpec(m.backbone, m.pooling, m.gem_p, m.image_size, weights, m.frozen_stages,
-                   str(init_checkpoint.resolve()) if init_checkpoint else None)
+    pooling = m.pooling_spec()
+    return NetSpec(m.backbone, pooling.name, m.gem_p, m.image_size, weights, m.frozen_stages,
+                   str(init_checkpoint.resolve()) if init_checkpoint else None, dict(pooling.args) or None)
 
 
 def cluster(r: RayParams, num_workers: int | None = None) -> Cluster:

@@ -28,7 +28,8 @@ from components.search.postprocess import reranking_of
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
-from pipelines.common import embed_test, git_commit, load_splits, manifest_digest, net_spec, params_dict, stopwatch, test_scores
+from pipelines.common import (embed_test, git_commit, load_splits, manifest_digest, off_the_shelf, params_dict, stopwatch,
+                              test_scores)
 from pipelines.params import Params
 from pipelines.paths import (GALLERY, INDEX_DIR, MANIFEST, METRICS_FILE, OFF_THE_SHELF_DIR, PLOTS_DIR, RETRIEVAL_DIR,
                              SEARCH_DIR)
@@ -61,7 +62,7 @@ def main(params: Params) -> None:
         query_desc = embed_images(search_net, queries[URI].tolist(), batch_size=params.index.batch_size, progress=True,
                                   desc=f"{FULL}: queries")[1]
         descriptors = {FULL: (query_desc, index.descriptors)}  # the database as indexed
-        nets = {"off-the-shelf": net_spec(params.model).build().eval(),  # the same architecture, never trained here
+        nets = {"off-the-shelf": off_the_shelf(params, splits),  # the same architecture, never trained here
                 "off-the-shelf + free wins": load_net(OFF_THE_SHELF_DIR / BEST_MODEL_FILE),
                 "fine-tuned": load_net(RETRIEVAL_DIR / BEST_MODEL_FILE)}
         descriptors.update({name: embed_test(net, splits, params, name) for name, net in nets.items()})

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import YAMLError
@@ -66,10 +67,14 @@ class SplitParams(_Section):
 class ModelParams(_Section):
     backbone: str
     weights: str = Field(description="'imagenet' (packaged offline weights) or a weights file path")
-    pooling: Literal["mac", "spoc", "gem", "rmac"] = Field(description="components.models.pooling.POOLINGS")
-    gem_p: float = Field(gt=0, le=100)
+    pooling: Pooling = Field(description="components.models.pooling.POOLINGS: a plain name, or {name, args}")
+    gem_p: float = Field(gt=0, le=100, description="initial GeM exponent (gem, and GeM inside gem_second_order/mop)")
     frozen_stages: int = Field(ge=0, le=16, description="leading backbone stages kept frozen (stage 0 is the stem)")
     image_size: int = Field(ge=32, le=MAX_SIDE, description="longer side of every image at evaluation time")
+
+    def pooling_spec(self) -> Spec:
+        """model.pooling as a registry spec: a plain name has no args (GeM's exponent is gem_p)."""
+        return Spec(self.pooling) if isinstance(self.pooling, str) else self.pooling.spec()
 
 
 class _TrainParams(_Section):
@@ -105,6 +110,68 @@ class _Named(_Section):
         return Spec(self.name, self.args.model_dump())
 
 
+PlainPooling = Literal["mac", "spoc", "gem", "rmac"]  # no args (GeM's p is model.gem_p)
+
+
+class NetVLADArgs(_Section):
+    clusters: int = Field(ge=1, le=1024, description="K centres (k-means-initialised on train features)")
+    reduction_dim: int | None = Field(ge=1, le=4096, description="1×1 conv reduction D before VLAD (null: none); "
+                                                                 "the descriptor is K·D")
+    alpha: float = Field(gt=0, le=10**6, description="assignment sharpness α (softmax of −α‖x − c_k‖²)")
+
+
+class NetVLADPooling(_Named):
+    name: Literal["netvlad"]
+    args: NetVLADArgs
+
+
+class SecondOrderArgs(_Section):
+    reduction_dim: int = Field(ge=1, le=256, description="r: channels of the covariance; it adds r(r+1)/2 dims")
+    iterations: int = Field(ge=1, le=30, description="Newton–Schulz steps of the matrix square root")
+    centred: bool = Field(description="covariance (true, iSQRT-COV) or the uncentred second moment (bilinear)")
+
+
+class GeMSecondOrderPooling(_Named):
+    name: Literal["gem_second_order"]
+    args: SecondOrderArgs
+
+
+class MOPArgs(_Section):
+    levels: list[Annotated[int, Field(ge=1, le=16)]] = Field(min_length=1, max_length=8,
+                                                             description="grid sizes g (g×g cells), increasing")
+    region_pooling: Literal["gem", "mac"] = Field(description="how each cell is pooled")
+
+    @model_validator(mode="after")
+    def _levels_increase(self):
+        if any(a >= b for a, b in zip(self.levels, self.levels[1:])):
+            raise ValueError(f"levels must be strictly increasing, got {self.levels}")
+        return self
+
+
+class MOPPooling(_Named):
+    name: Literal["mop"]
+    args: MOPArgs
+
+
+_POOLINGS_WITH_ARGS = ("netvlad", "gem_second_order", "mop")
+
+
+def _pooling_form(value: Any) -> str | None:
+    """The union member a model.pooling value is for: a plain name, or the name of a `{name, args}` one."""
+    if isinstance(value, str):
+        return "plain" if value in typing.get_args(PlainPooling) else None
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return name if name in _POOLINGS_WITH_ARGS else None
+
+
+Pooling = Annotated[Annotated[PlainPooling, Tag("plain")] | Annotated[NetVLADPooling, Tag("netvlad")]
+                    | Annotated[GeMSecondOrderPooling, Tag("gem_second_order")] | Annotated[MOPPooling, Tag("mop")],
+                    Discriminator(_pooling_form, custom_error_type="pooling", custom_error_message=(
+                        f"expected {' | '.join(typing.get_args(PlainPooling))}, or {{name, args}} with name "
+                        f"{' | '.join(_POOLINGS_WITH_ARGS)}"))]
+ModelParams.model_rebuild()  # its pooling field is the union above
+
+
 class DoubleMarginArgs(_Section):
     pos_margin: float = Field(ge=0, le=2, description="m+: positive pairs closer than this cost nothing (0 = single "
                                                       "margin); used when tune.search is off")
@@ -131,6 +198,15 @@ class MarginArgs(_Section):
 class BatchHardTripletCriterion(_Named):
     name: Literal["batch_hard_triplet"]
     args: MarginArgs
+
+
+class CoupledClustersArgs(_Section):
+    margin: float = Field(gt=0, le=4, description="α, on squared distances (≤ 4 between unit descriptors)")
+
+
+class CoupledClustersCriterion(_Named):
+    name: Literal["coupled_clusters"]
+    args: CoupledClustersArgs
 
 
 class SiameseArgs(_Section):
@@ -174,8 +250,8 @@ class ArcFaceCriterion(_Named):
     args: ArcFaceArgs
 
 
-Criterion = Annotated[DoubleMarginCriterion | BatchHardTripletCriterion | SiameseCriterion | MultiSimilarityCriterion
-                      | ProxyAnchorCriterion | ArcFaceCriterion, Field(discriminator="name")]
+Criterion = Annotated[DoubleMarginCriterion | BatchHardTripletCriterion | CoupledClustersCriterion | SiameseCriterion
+                      | MultiSimilarityCriterion | ProxyAnchorCriterion | ArcFaceCriterion, Field(discriminator="name")]
 
 
 class PairCountArgs(_Section):
@@ -196,6 +272,17 @@ class HardNegativeArgs(PairCountArgs):
 class HardNegativePairsSampler(_Named):
     name: Literal["hard_negative_pairs"]
     args: HardNegativeArgs
+
+
+class MinedPositivesArgs(PairCountArgs):
+    clusters: int = Field(ge=1, le=10**6, description="k of the k-means over the train images' descriptors")
+    threshold: float = Field(ge=-1, le=1, description="cosine similarity a same-class, same-cluster pair needs to be mined")
+    max_mined_per_class: int = Field(ge=1, le=10**6, description="mined positive pairs kept per class and draw")
+
+
+class MinedPositivePairsSampler(_Named):
+    name: Literal["mined_positive_pairs"]
+    args: MinedPositivesArgs
 
 
 class RatioPairsArgs(_Section):
@@ -220,8 +307,8 @@ class ClassBalancedSampler(_Named):
     args: ClassBalancedArgs
 
 
-Sampler = Annotated[RandomPairsSampler | HardNegativePairsSampler | RatioPairsSampler | ClassBalancedSampler,
-                    Field(discriminator="name")]
+Sampler = Annotated[RandomPairsSampler | HardNegativePairsSampler | MinedPositivePairsSampler | RatioPairsSampler
+                    | ClassBalancedSampler, Field(discriminator="name")]
 
 
 class NoArgs(_Section):
@@ -275,8 +362,9 @@ class RetrievalParams(_TrainParams):
 
     @model_validator(mode="after")
     def _triplets_formable(self):
-        if self.criterion.name == "batch_hard_triplet" and self.sampler.name != "class_balanced" and self.miner is None:
-            raise ValueError("criterion batch_hard_triplet mines P×K batches: use sampler class_balanced (or a miner)")
+        if (self.criterion.name in ("batch_hard_triplet", "coupled_clusters") and self.sampler.name != "class_balanced"
+                and self.miner is None):
+            raise ValueError(f"criterion {self.criterion.name} mines P×K batches: use sampler class_balanced (or a miner)")
         return self
 
 

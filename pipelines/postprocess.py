@@ -17,7 +17,7 @@ from components.search.postprocess import KReciprocal
 from components.storage import write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
-from pipelines.common import load_splits, net_spec, stopwatch
+from pipelines.common import load_splits, off_the_shelf, stopwatch
 from pipelines.params import Params, PostprocessParams
 from pipelines.paths import METRICS_DIR, OFF_THE_SHELF_DIR, POSTPROCESS_CHOICE, RETRIEVAL_DIR, SEARCH_DIR
 
@@ -91,7 +91,7 @@ def main(params: Params) -> None:
     summary, splits = {}, load_splits()
     with stopwatch() as timing:
         for name, net, out_dir in (("fine-tuned", load_net(RETRIEVAL_DIR / BEST_MODEL_FILE), SEARCH_DIR),
-                                   ("off-the-shelf", net_spec(params.model).build().eval(), OFF_THE_SHELF_DIR)):
+                                   ("off-the-shelf", off_the_shelf(params, splits), OFF_THE_SHELF_DIR)):
             _, choice = search_model(net, name, params, splits, out_dir)
             summary[name] = {"recipe": choice.recipe.describe(), "val_map_start": choice.start_map,
                              "val_map_chosen": choice.best_map}

@@ -44,6 +44,20 @@ def tiny_train_val(target: Path) -> tuple[list[tuple[str, int]], list[tuple[str,
             [(u, labels[label]) for u, label in rows if labels[label] >= 4])
 
 
+def tiny_retrieval_data(target: Path):
+    """5 classes × 6 tiny real images: classes 0-2 to train on (LabelledImages), 3-4 held out (RetrievalValSet, 2
+    queries per class)."""
+    from components.training.jobs import LabelledImages, RetrievalValSet
+
+    rows = tiny_sample(target, classes=5, per_class=6, max_side=48)
+    names = sorted({label for _, label in rows})
+    labelled = [(u, names.index(l)) for u, l in rows]
+    train = [(u, l) for u, l in labelled if l < 3]
+    val = [(u, l - 3) for u, l in labelled if l >= 3]
+    return (LabelledImages([u for u, _ in train], [l for _, l in train]),
+            RetrievalValSet([u for u, _ in val], [l for _, l in val], [i % 6 < 2 for i in range(len(val))]))
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A private local Ray for the session's distributed tests (RAY_ADDRESS is cleared above), shut down at the end."""

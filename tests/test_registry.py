@@ -9,7 +9,7 @@ from pydantic import TypeAdapter
 from components.losses import LOSSES
 from components.miners import MINERS
 from components.models.backbones import IMAGENET_WEIGHTS
-from components.models.pooling import POOLINGS
+from components.models.pooling import POOLINGS, make_pooling
 from components.registry import Registry, Spec
 from components.training.batches import SAMPLERS
 from pipelines.params import Criterion, Miner, ModelParams, ParamsError, RetrievalParams, Sampler, load_params, with_overrides
@@ -18,6 +18,7 @@ EXAMPLE_ARGS = {  # what a params file would set for each entry
     "loss": {
         "double_margin_contrastive": {"pos_margin": 0.5, "neg_margin": 1.2, "squared": True},
         "batch_hard_triplet": {"margin": 0.1},
+        "coupled_clusters": {"margin": 0.5},
         "siamese_id_verification": {"ver_weight": 1.0, "id_weight": 0.5},
         "multi_similarity": {"alpha": 2.0, "beta": 50.0, "base": 0.5},
         "proxy_anchor": {"margin": 0.1, "alpha": 32.0},
@@ -32,6 +33,8 @@ EXAMPLE_ARGS = {  # what a params file would set for each entry
     "sampler": {
         "random_pairs": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 1},
         "hard_negative_pairs": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 1, "pool_size": 10},
+        "mined_positive_pairs": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 1, "clusters": 4,
+                                 "threshold": 0.8, "max_mined_per_class": 20},
         "ratio_pairs": {"pos_per_class": 2, "start": 1.0, "growth": 1.01, "max_ratio": 4.0},
         "class_balanced": {"classes_per_batch": 2, "images_per_class": 2},
     },
@@ -52,8 +55,23 @@ def test_params_offer_exactly_the_registry_names(kind):
     assert set(EXAMPLE_ARGS[kind]) == set(registry.names())
 
 
+POOLING_ARGS = {  # what a params file would set for each pooling with args (the others are a bare name)
+    "netvlad": {"clusters": 4, "reduction_dim": 6, "alpha": 10.0},
+    "gem_second_order": {"reduction_dim": 3, "iterations": 3, "centred": True},
+    "mop": {"levels": [1, 2], "region_pooling": "gem"},
+}
+
+
 def test_params_offer_exactly_the_poolings():
-    assert set(typing.get_args(ModelParams.model_fields["pooling"].annotation)) == set(POOLINGS.names())
+    plain, with_args = set(), set()
+    for member in typing.get_args(ModelParams.model_fields["pooling"].annotation):  # Annotated[choice, Tag]
+        choice = typing.get_args(member)[0]
+        if typing.get_origin(choice) is typing.Literal:  # the bare names
+            plain |= set(typing.get_args(choice))
+        else:  # the {name, args} members
+            with_args |= set(typing.get_args(choice.model_fields["name"].annotation))
+    assert plain | with_args == set(POOLINGS.names()) and not plain & with_args
+    assert set(POOLING_ARGS) == with_args
 
 
 EMBEDDINGS = torch.nn.functional.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
@@ -82,7 +100,10 @@ def test_every_sampler_builds_from_params(name):
 
 @pytest.mark.parametrize("name", POOLINGS.names())
 def test_every_pooling_builds_and_pools(name):
-    assert POOLINGS.build(Spec(name))(torch.rand(2, 8, 5, 5)).shape == (2, 8)
+    given = {"name": name, "args": POOLING_ARGS[name]} if name in POOLING_ARGS else name
+    spec = ModelParams.model_validate({**load_params().model.model_dump(), "pooling": given}).pooling_spec()
+    pool = make_pooling(spec.name, 3.0, spec.args, in_channels=8)
+    assert pool(torch.rand(2, 8, 5, 5)).shape == (2, pool.output_dim(8))
 
 
 @pytest.mark.parametrize("arch", IMAGENET_WEIGHTS.names())

@@ -9,20 +9,14 @@ from components.models.net import read_checkpoint
 from components.models.spec import NetSpec
 from components.registry import Spec
 from components.training.context import LocalContext, read_train_state
-from components.training.jobs import LabelledImages, Optimisation, RetrievalJob, RetrievalValSet
+from components.training.jobs import Optimisation, RetrievalJob
 from components.training.retrieval import train_retrieval
-from tests.conftest import contrastive, random_pairs, tiny_sample
+from tests.conftest import contrastive, random_pairs, tiny_retrieval_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows = tiny_sample(tmp_path_factory.mktemp("images"), classes=5, per_class=6, max_side=48)
-    names = sorted({label for _, label in rows})
-    labelled = [(u, names.index(l)) for u, l in rows]
-    train = [(u, l) for u, l in labelled if l < 3]
-    val = [(u, l - 3) for u, l in labelled if l >= 3]
-    return (LabelledImages([u for u, _ in train], [l for _, l in train]),
-            RetrievalValSet([u for u, _ in val], [l for _, l in val], [i % 6 < 2 for i in range(len(val))]))
+    return tiny_retrieval_data(tmp_path_factory.mktemp("images"))
 
 
 DOUBLE_MARGIN = contrastive(0.5, 1.2)
@@ -36,6 +30,7 @@ PK = Spec("class_balanced", {"classes_per_batch": 2, "images_per_class": 3})
     (DOUBLE_MARGIN, Spec("hard_negative_pairs", {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 1,
                                                  "pool_size": 10}), None),
     (Spec("batch_hard_triplet", {"margin": 0.1}), PK, None),
+    (Spec("coupled_clusters", {"margin": 0.5}), PK, None),                 # Liu et al.: a cluster per class
     (Spec("siamese_id_verification", {"ver_weight": 1.0, "id_weight": 0.5}),
      Spec("ratio_pairs", {"pos_per_class": 2, "start": 1.0, "growth": 1.01, "max_ratio": 4.0}), None),
     (DOUBLE_MARGIN, PK, None),                                             # all pairs of each P×K batch

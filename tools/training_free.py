@@ -18,7 +18,7 @@ from pathlib import Path
 
 import typer
 
-from pipelines.common import load_splits, net_spec, test_scores
+from pipelines.common import load_splits, off_the_shelf, test_scores
 from pipelines.params import DEFAULT_PARAMS, load_params
 from pipelines.postprocess import search_model
 
@@ -30,7 +30,7 @@ def main(config: Path | None = typer.Option(None, help="an override file of para
     boot = (params.evaluate.bootstrap.resamples, params.evaluate.bootstrap.confidence, params.evaluate.bootstrap.seed)
     splits, seconds = load_splits(), {}
     start = time.perf_counter()
-    net = net_spec(params.model).build().eval()
+    net = off_the_shelf(params, splits)
     base = test_scores(net, splits, params, "off-the-shelf")
     seconds["off-the-shelf test"] = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as folder:

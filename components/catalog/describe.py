@@ -30,7 +30,10 @@ def model_digest(net) -> str:
     import torch
 
     h = hashlib.sha256()
-    h.update(json.dumps({k: net.meta.get(k) for k in _DESCRIPTOR_META}, sort_keys=True).encode())
+    described = {k: net.meta.get(k) for k in _DESCRIPTOR_META}
+    if net.meta.get("pooling_args"):  # only when set: the digests of nets without pooling args stay what they were
+        described["pooling_args"] = net.meta["pooling_args"]
+    h.update(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(net.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

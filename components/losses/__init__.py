@@ -6,6 +6,7 @@ those whose constructors ask for them."""
 from pytorch_metric_learning import losses as pml_losses
 
 from components.losses.contrastive import DoubleMarginContrastiveLoss
+from components.losses.coupled_clusters import CoupledClustersLoss
 from components.losses.triplet import BatchHardTripletLoss
 from components.losses.verification import SiameseIdVerLoss
 from components.registry import Registry
@@ -13,6 +14,7 @@ from components.registry import Registry
 LOSSES = Registry("loss", {
     "double_margin_contrastive": DoubleMarginContrastiveLoss,  # DeepFirearm (pos_margin 0: single margin)
     "batch_hard_triplet": BatchHardTripletLoss,                # Hermans et al.; P×K batches
+    "coupled_clusters": CoupledClustersLoss,                   # Liu et al. 2016; P×K batches
     "siamese_id_verification": SiameseIdVerLoss,              # Zheng et al.
     "multi_similarity": pml_losses.MultiSimilarityLoss,        # Wang et al. 2019
     "proxy_anchor": pml_losses.ProxyAnchorLoss,                # Kim et al. 2020

@@ -24,22 +24,24 @@ class RetrievalNet(nn.Module):
     """Fully-convolutional backbone → global pooling → L2 normalisation → optional whitening (→ L2).
 
     `meta` holds everything needed to rebuild the network and preprocess images for it:
-    arch, pooling, gem_p, image_size, mean, std, whitening_dim (None: no whitening layer) and dim, the
-    descriptor size (whitening_dim if set, else the backbone's channel count `pooled_dim`). A search model's meta
-    (the postprocess stage's) adds scales (multi-scale descriptors at round(s · image_size)) and reranking.
+    arch, pooling (a `POOLINGS` name), pooling_args (its constructor args; absent for the plain poolings), gem_p,
+    image_size, mean, std, whitening_dim (None: no whitening layer) and dim, the descriptor size (whitening_dim if
+    set, else the pooling's output size `pooled_dim`: the backbone's channel count for MAC/SPoC/GeM/R-MAC). A search
+    model's meta (the postprocess stage's) adds scales (multi-scale descriptors at round(s · image_size)) and
+    reranking.
     """
 
     def __init__(self, meta: dict[str, Any], weights: str | None = None) -> None:
         super().__init__()
         backbone = create_backbone(meta["arch"], weights)
         self.backbone = backbone.module
-        self.pool = make_pooling(meta["pooling"], meta.get("gem_p", 3.0))
-        self.pooled_dim = backbone.dim
+        self.pool = make_pooling(meta["pooling"], meta.get("gem_p", 3.0), meta.get("pooling_args"), backbone.dim)
+        self.pooled_dim = self.pool.output_dim(backbone.dim)
         whitening_dim = meta.get("whitening_dim")
-        self.whitening = None if whitening_dim is None else Whitening(backbone.dim, whitening_dim)
+        self.whitening = None if whitening_dim is None else Whitening(self.pooled_dim, whitening_dim)
         self.meta = {
             **meta,
-            "dim": backbone.dim if whitening_dim is None else whitening_dim,
+            "dim": self.pooled_dim if whitening_dim is None else whitening_dim,
             "whitening_dim": whitening_dim,
             "mean": list(backbone.mean),
             "std": list(backbone.std),
@@ -47,9 +49,12 @@ class RetrievalNet(nn.Module):
 
     @classmethod
     def create(
-        cls, arch: str, pooling: str, image_size: int, weights: str | None, gem_p: float = 3.0
+        cls, arch: str, pooling: str, image_size: int, weights: str | None, gem_p: float = 3.0,
+        pooling_args: dict[str, Any] | None = None,
     ) -> RetrievalNet:
-        return cls({"arch": arch, "pooling": pooling, "gem_p": gem_p, "image_size": image_size}, weights)
+        """A new net; `pooling_args` (a pooling's `{name, args}` args) go into its meta only when given."""
+        extra = {"pooling_args": dict(pooling_args)} if pooling_args else {}
+        return cls({"arch": arch, "pooling": pooling, **extra, "gem_p": gem_p, "image_size": image_size}, weights)
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, un-normalised features (B, dim): what a classification head sees."""

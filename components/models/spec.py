@@ -3,8 +3,10 @@ jobs, evaluation, the ablation and the benchmarks all build their nets from one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from components.models.net import RetrievalNet, load_net
 
@@ -18,12 +20,15 @@ class NetSpec:
     weights: str | None
     frozen_stages: int
     init_checkpoint: str | None = None
+    pooling_args: Mapping[str, Any] | None = None  # the pooling's args (None: a plain pooling, MAC/SPoC/GeM/R-MAC)
 
     def build(self) -> RetrievalNet:
+        """From `init_checkpoint` (its own pooling, as its meta says), else a new net of this arch and pooling."""
         if self.init_checkpoint:
             net = load_net(Path(self.init_checkpoint))
             net.meta = {**net.meta, "image_size": self.image_size}
         else:
-            net = RetrievalNet.create(self.arch, self.pooling, self.image_size, self.weights, self.gem_p)
+            net = RetrievalNet.create(self.arch, self.pooling, self.image_size, self.weights, self.gem_p,
+                                      dict(self.pooling_args) if self.pooling_args else None)
         net.freeze(self.frozen_stages)
         return net

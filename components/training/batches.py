@@ -2,17 +2,20 @@
 
 Every sampler yields `Batch`es — images, one label per image and the index tuple of the pairs the loss should use
 (None: the loss or a miner takes what it needs from the whole batch). Pair samplers (DeepFirearm's random pairs,
-hard negatives mined by the current model, a growing share of negatives) draw N+ positive and N− negative pairs per
-class, identically on every rank (seeded by the draw; mined on gathered descriptors), and shard them over the ranks;
-`class_balanced` draws P×K batches for in-batch mining.
+hard negatives mined by the current model, a growing share of negatives, random pairs plus positives mined by
+clustering the current model's descriptors) draw N+ positive and N− negative pairs per class, identically on every
+rank (seeded by the draw; mined on gathered descriptors), and shard them over the ranks; `class_balanced` draws P×K
+batches for in-batch mining.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +32,8 @@ from components.registry import Registry
 from components.training.context import WorkerContext
 from components.training.fit import augmenting, shuffled_shard
 from components.training.jobs import LabelledImages, Optimisation
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,13 @@ class TrainingData:
 
 class EpochBatches:
     """One epoch's batches on this rank: iterable, with a length; `positions` are the sample positions (of the
-    epoch's pairs, or images) this rank trained on."""
+    epoch's pairs, or images) this rank trained on; `stats`: what the sampler reports of the epoch (e.g. how many
+    positive pairs it mined)."""
 
-    def __init__(self, loader: DataLoader, to_batch: Callable[[tuple], Batch], positions: list[int]) -> None:
+    def __init__(self, loader: DataLoader, to_batch: Callable[[tuple], Batch], positions: list[int],
+                 stats: dict[str, float] | None = None) -> None:
         self.loader, self.to_batch, self.positions = loader, to_batch, positions
+        self.stats = dict(stats or {})
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -138,6 +146,79 @@ class RatioPairs(_PairSampler):
         return draw_ratio_pairs(labels, self.pos_per_class, self.schedule.ratio(epoch), rng)
 
 
+def mine_cluster_positives(descriptors: np.ndarray, labels: np.ndarray, clusters: int, threshold: float,
+                           max_per_class: int, seed: int, rng: np.random.Generator) -> np.ndarray:
+    """Same-item mining (ALISC-style) on labelled images: cluster the descriptors (faiss spherical k-means, k =
+    min(`clusters`, n), seeded by `seed`) and keep, as confident positives, the pairs of two images that share both
+    their label and their cluster and whose cosine similarity is at least `threshold`; at most `max_per_class` of
+    them per class (a random subset, by `rng`, when more qualify).
+
+    Rows of `descriptors` are positions in `labels`. Returns an (n, 3) int array of (i, j, 1) with i < j, classes in
+    order; pairs of different labels never appear.
+    """
+    x = np.ascontiguousarray(descriptors, dtype=np.float32)
+    labels = np.asarray(labels)
+    if len(x) != len(labels):
+        raise ValueError(f"{len(x)} descriptors for {len(labels)} labels")
+    if len(x) < 2:
+        return np.empty((0, 3), dtype=np.int64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # cosine = dot product
+    kmeans = faiss.Kmeans(x.shape[1], min(clusters, len(x)), niter=20, seed=seed, spherical=True,
+                          min_points_per_centroid=1, verbose=False)
+    kmeans.train(x)
+    cluster = kmeans.index.search(x, 1)[1][:, 0]
+    pairs = []
+    for c in np.unique(labels):
+        found = []
+        own = np.flatnonzero(labels == c)
+        for k in np.unique(cluster[own]):
+            group = own[cluster[own] == k]
+            if len(group) < 2:
+                continue
+            first, second = np.triu_indices(len(group), k=1)
+            confident = (x[group[first]] * x[group[second]]).sum(axis=1) >= threshold
+            found.append(np.stack([group[first[confident]], group[second[confident]]], axis=1))
+        found = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+        if len(found) > max_per_class:
+            found = found[np.sort(rng.choice(len(found), size=max_per_class, replace=False))]
+        pairs.append(np.concatenate([found, np.ones((len(found), 1), dtype=found.dtype)], axis=1))
+    return np.concatenate(pairs).astype(np.int64)
+
+
+class MinedPositivePairs(_PairSampler):
+    """DeepFirearm's random pairs plus mined positives (ALISC's same-item mining, read for labelled data): at each
+    draw every train image is embedded with the current model and `mine_cluster_positives` adds the confident
+    same-class pairs of a k-means cluster (`clusters`, cosine ≥ `threshold`, at most `max_mined_per_class` per
+    class). Only the job's train images are ever embedded, clustered or paired. Each epoch logs, and reports in its
+    batches' `stats`, how many positive pairs it mined."""
+
+    def __init__(self, pos_per_class: int, neg_per_class: int, redraw_every: int, clusters: int, threshold: float,
+                 max_mined_per_class: int) -> None:
+        super().__init__(pos_per_class, neg_per_class, redraw_every)
+        if not -1 <= threshold <= 1:
+            raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
+        if clusters < 1 or max_mined_per_class < 1:
+            raise ValueError(f"need clusters >= 1 and max_mined_per_class >= 1, got {clusters}, {max_mined_per_class}")
+        self.clusters, self.threshold, self.max_mined_per_class = clusters, threshold, max_mined_per_class
+        self.mined: dict[int, np.ndarray] = {}  # the current draw's mined pairs, by draw number
+
+    def draw(self, epoch, labels, rng, data) -> np.ndarray:
+        random = draw_random_pairs(labels, self.pos_per_class, self.neg_per_class, rng)
+        desc = embed_all(data.net, data.train.uris, np.arange(len(labels)), data.eval_batch_size, data.ctx)
+        mined = mine_cluster_positives(desc, labels, self.clusters, self.threshold, self.max_mined_per_class,
+                                       seed=int(rng.integers(2**31 - 1)), rng=rng)
+        self.mined = {self.draw_number(epoch): mined}
+        return np.concatenate([random, mined])
+
+    def batches(self, epoch: int, data: TrainingData) -> EpochBatches:
+        batches = super().batches(epoch, data)
+        mined = len(self.mined[self.draw_number(epoch)])
+        batches.stats["mined_positive_pairs"] = mined
+        log.info("epoch %d: %d mined positive pairs (cosine >= %g, %d clusters) on top of the random pairs",
+                 epoch, mined, self.threshold, self.clusters)
+        return batches
+
+
 class ClassBalanced:
     """P×K batches (`classes_per_batch` × `images_per_class`), every class about once an epoch; the loss (or a
     miner) picks its pairs or triplets inside each batch."""
@@ -166,5 +247,6 @@ SAMPLERS = Registry("sampler", {
     "random_pairs": RandomPairs,
     "hard_negative_pairs": HardNegativePairs,
     "ratio_pairs": RatioPairs,
+    "mined_positive_pairs": MinedPositivePairs,
     "class_balanced": ClassBalanced,
 })

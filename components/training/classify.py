@@ -13,7 +13,7 @@ from components.evaluation.validation import accuracy, val_map
 from components.losses.classification import balanced_class_weights
 from components.models.net import Classifier
 from components.training.context import WorkerContext
-from components.training.fit import augmenting, fit, make_optimizer, shuffled_shard, step
+from components.training.fit import augmenting, fit, initialise_pooling, make_optimizer, shuffled_shard, step
 from components.training.jobs import ClassifyJob
 
 
@@ -21,6 +21,7 @@ def train_classifier(job: ClassifyJob, ctx: WorkerContext) -> None:
     torch.manual_seed(job.optim.seed)
     net = job.net.build()
     model = Classifier(net, len(job.classes)).to(ctx.device)
+    initialise_pooling(net, job.train, job.eval_batch_size, job.optim.seed, ctx.device)  # NetVLAD: before its head trains
     criterion = nn.CrossEntropyLoss(weight=balanced_class_weights(np.array(job.train.labels), len(job.classes)).to(ctx.device))
     train_set = ImageDataset(job.train.uris, job.train.labels)
     collate = augmenting(BatchTransform, net, job.optim, ctx)

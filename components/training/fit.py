@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from components.data.datasets import ImageDataset
 from components.data.transforms import BatchTransform
 from components.models.net import Classifier, RetrievalNet, freeze_batchnorm_statistics, save_checkpoint
 from components.training.context import BEST_MODEL_FILE, TRAIN_STATE_FILE, WorkerContext, write_history
-from components.training.jobs import Optimisation
+from components.training.jobs import LabelledImages, Optimisation
 
 # One training epoch on the (DDP-wrapped) model: (mean loss, the sample positions this rank trained on).
 EpochRunner = Callable[[nn.Module, int], tuple[float, list[int]]]
@@ -136,3 +138,29 @@ def _write_audit(folder: Path, rank: int, seen_by_epoch: dict[int, list[int]], m
                                                          "seen": {str(k): v for k, v in seen_by_epoch.items()}}))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+POOLING_INIT_IMAGES = 64  # train images whose feature maps initialise a pooling's layers (NetVLAD's k-means)
+
+
+@torch.no_grad()
+def initialise_pooling(net: RetrievalNet, train: LabelledImages, batch_size: int, seed: int,
+                       device: torch.device | str = "cpu", n_images: int = POOLING_INIT_IMAGES) -> bool:
+    """Initialise a pooling whose layers start from data (NetVLAD: PCA reduction and k-means centres), unless it is
+    already (`is_initialised`, kept in its state dict: a net from an initialised checkpoint keeps its pooling), from
+    the backbone's feature maps of a seeded sample of `n_images` train images, preprocessed as for evaluation.
+    Every rank draws the same sample and gets the same centres. Returns whether it initialised anything."""
+    pool = net.pool
+    if not hasattr(pool, "init_from_features") or pool.is_initialised:
+        return False
+    rng = np.random.default_rng([seed, len(train.uris)])
+    picks = np.sort(rng.choice(len(train.uris), size=min(n_images, len(train.uris)), replace=False)).tolist()
+    loader = DataLoader(Subset(ImageDataset(train.uris, train.labels), picks), batch_size=batch_size,
+                        collate_fn=BatchTransform.for_eval(net.meta))
+    training = net.training
+    net.eval()
+    maps = [net.backbone.forward_features(x.to(device)) for x, _, _ in loader]
+    local = torch.cat([m.permute(0, 2, 3, 1).reshape(-1, m.shape[1]) for m in maps])  # (N, C) local features
+    pool.init_from_features(local, seed=seed)
+    net.train(training)
+    return True

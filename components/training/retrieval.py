@@ -13,7 +13,7 @@ from components.miners import MINERS
 from components.models.net import RetrievalNet
 from components.training.batches import SAMPLERS, TrainingData
 from components.training.context import WorkerContext
-from components.training.fit import fit, make_optimizer, step
+from components.training.fit import fit, initialise_pooling, make_optimizer, step
 from components.training.jobs import RetrievalJob
 
 
@@ -34,12 +34,16 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
     num_classes = int(np.max(job.train.labels)) + 1
     criterion = LOSSES.build(job.criterion, num_classes=num_classes, embedding_size=net.meta["dim"])
     model = _RetrievalModel(net, criterion).to(ctx.device)
+    initialise_pooling(net, job.train, job.eval_batch_size, job.optim.seed, ctx.device)
     miner = MINERS.build(job.miner) if job.miner else None
     sampler = SAMPLERS.build(job.sampler)
     data = TrainingData(job.train, net, job.optim, ctx, job.eval_batch_size)
 
+    epoch_stats: dict[str, float] = {}  # what the sampler reports of its last draw (mined positives), logged per epoch
+
     def run_epoch(ddp: nn.Module, epoch: int) -> tuple[float, list[int]]:
         batches = sampler.batches(epoch, data)
+        epoch_stats.update(batches.stats)
         losses = []
         for batch in batches:
             embeddings = ddp(batch.images.to(ctx.device))
@@ -53,7 +57,7 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
         return float(np.mean(losses)), batches.positions
 
     def evaluate(epoch: int) -> dict[str, float]:
-        return {"val_map": val_map(net, job.retrieval_val, job.eval_batch_size, ctx)}
+        return {"val_map": val_map(net, job.retrieval_val, job.eval_batch_size, ctx), **epoch_stats}
 
     optimizer = make_optimizer(model, job.optim)
     fit(model, net, optimizer, job.optim, ctx, "val_map", run_epoch, evaluate, job.audit_dir,
