@@ -349,3 +349,27 @@ def test_bad_pooling_args_are_refused_naming_the_key(tmp_path, pooling, message)
 
 def test_the_pooling_union_validates_on_its_own():
     assert TypeAdapter(Pooling).validate_python({"name": "mop", "args": MOP_ARGS}).spec() == Spec("mop", MOP_ARGS)
+
+
+def test_the_off_the_shelf_baseline_starts_netvlad_from_train_features(tmp_path):
+    """evaluate/postprocess's off-the-shelf NetVLAD is k-means-initialised from the train classes, as training starts
+    it — never random centres."""
+    import pandas as pd
+
+    from components.data.contract import Splits
+    from pipelines.common import off_the_shelf
+    from pipelines.params import load_params
+    from tests.conftest import tiny_sample
+
+    rows = tiny_sample(tmp_path / "images", classes=2, per_class=4, max_side=48)
+    table = pd.DataFrame({"id": [str(i) for i in range(len(rows))], "label": [l for _, l in rows],
+                          "uri": [u for u, _ in rows], "split": "cls_train", "role": "train"})
+    path = tmp_path / "params.yaml"
+    path.write_text(params_with({"model": {"image_size": 64, "pooling": {
+        "name": "netvlad", "args": {"clusters": 4, "reduction_dim": 16, "alpha": 100.0}}}}))
+    net = off_the_shelf(load_params(path), Splits(table))
+    assert net.pool.is_initialised
+    fresh = RetrievalNet.create("tf_efficientnet_lite0", "netvlad", 64, "imagenet",
+                                pooling_args={"clusters": 4, "reduction_dim": 16, "alpha": 100.0})
+    assert not fresh.pool.is_initialised
+    assert not torch.equal(net.pool.centres, fresh.pool.centres)
