@@ -68,7 +68,7 @@ class ModelParams(_Section):
     backbone: str
     weights: str = Field(description="'imagenet' (packaged offline weights) or a weights file path")
     pooling: Pooling = Field(description="components.models.pooling.POOLINGS: a plain name, or {name, args}")
-    gem_p: float = Field(gt=0, le=100, description="initial GeM exponent (gem, and GeM inside gem_second_order/mop)")
+    gem_p: float = Field(gt=0, le=100, description="initial GeM exponent (gem, and GeM inside gem_second_order/mop/multi_level)")
     frozen_stages: int = Field(ge=0, le=16, description="leading backbone stages kept frozen (stage 0 is the stem)")
     image_size: int = Field(ge=32, le=MAX_SIDE, description="longer side of every image at evaluation time")
 
@@ -153,7 +153,27 @@ class MOPPooling(_Named):
     args: MOPArgs
 
 
-_POOLINGS_WITH_ARGS = ("netvlad", "gem_second_order", "mop")
+class MultiLevelArgs(_Section):
+    stages: list[Annotated[int, Field(ge=0, le=6)]] = Field(
+        min_length=1, max_length=7, description="indices of the timm EfficientNet `blocks` (0-6) whose outputs are "
+        "fused with the final feature map, strictly increasing (lite0 blocks: 16, 24, 40, 80, 112, 192, 320 channels "
+        "at strides 2, 4, 8, 16, 16, 32, 32; the final map 1280 at 32)")
+    channels: int = Field(ge=1, le=4096, description="each level's 1×1 conv output: the descriptor size")
+    pooling: Literal["gem", "spoc"] = Field(description="how the fused map is pooled (gem: p is model.gem_p)")
+
+    @model_validator(mode="after")
+    def _stages_increase(self):
+        if any(a >= b for a, b in zip(self.stages, self.stages[1:])):
+            raise ValueError(f"stages must be strictly increasing, got {self.stages}")
+        return self
+
+
+class MultiLevelPooling(_Named):
+    name: Literal["multi_level"]
+    args: MultiLevelArgs
+
+
+_POOLINGS_WITH_ARGS = ("netvlad", "gem_second_order", "mop", "multi_level")
 
 
 def _pooling_form(value: Any) -> str | None:
@@ -165,7 +185,8 @@ def _pooling_form(value: Any) -> str | None:
 
 
 Pooling = Annotated[Annotated[PlainPooling, Tag("plain")] | Annotated[NetVLADPooling, Tag("netvlad")]
-                    | Annotated[GeMSecondOrderPooling, Tag("gem_second_order")] | Annotated[MOPPooling, Tag("mop")],
+                    | Annotated[GeMSecondOrderPooling, Tag("gem_second_order")] | Annotated[MOPPooling, Tag("mop")]
+                    | Annotated[MultiLevelPooling, Tag("multi_level")],
                     Discriminator(_pooling_form, custom_error_type="pooling", custom_error_message=(
                         f"expected {' | '.join(typing.get_args(PlainPooling))}, or {{name, args}} with name "
                         f"{' | '.join(_POOLINGS_WITH_ARGS)}"))]

@@ -59,6 +59,7 @@ POOLING_ARGS = {  # what a params file would set for each pooling with args (the
     "netvlad": {"clusters": 4, "reduction_dim": 6, "alpha": 10.0},
     "gem_second_order": {"reduction_dim": 3, "iterations": 3, "centred": True},
     "mop": {"levels": [1, 2], "region_pooling": "gem"},
+    "multi_level": {"stages": [0, 1], "channels": 6, "pooling": "gem"},
 }
 
 
@@ -102,8 +103,12 @@ def test_every_sampler_builds_from_params(name):
 def test_every_pooling_builds_and_pools(name):
     given = {"name": name, "args": POOLING_ARGS[name]} if name in POOLING_ARGS else name
     spec = ModelParams.model_validate({**load_params().model.model_dump(), "pooling": given}).pooling_spec()
-    pool = make_pooling(spec.name, 3.0, spec.args, in_channels=8)
-    assert pool(torch.rand(2, 8, 5, 5)).shape == (2, pool.output_dim(8))
+    if POOLINGS[name].multi_level:  # given the maps of its stages (blocks of 4 and 6 channels) and the final one
+        pool = make_pooling(spec.name, 3.0, spec.args, in_channels=8, stage_layout=((4, 6, 8), (2, 4, 4)))
+        maps = [torch.rand(2, 4, 10, 10), torch.rand(2, 6, 5, 5), torch.rand(2, 8, 5, 5)]
+    else:
+        pool, maps = make_pooling(spec.name, 3.0, spec.args, in_channels=8), torch.rand(2, 8, 5, 5)
+    assert pool(maps).shape == (2, pool.output_dim(8))
 
 
 @pytest.mark.parametrize("arch", IMAGENET_WEIGHTS.names())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +136,42 @@ def freeze_stages(module: nn.Module, n_stages: int) -> None:
     frozen = {name for names in list(groups.values())[:n_stages] for name in names}
     for name, param in module.named_parameters():
         param.requires_grad_(name not in frozen)
+
+
+# The parts of a timm EfficientNet-style model (EfficientNet, EfficientNet-Lite, MobileNet) that `forward_features`
+# runs in order: stem conv, its BatchNorm(+act), the `blocks` stages, head conv, its BatchNorm(+act).
+STAGED_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+
+
+def forward_stages(module: nn.Module, images: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
+    """The output maps of `module.blocks[i]` for each i in `stages` (increasing), then the final feature map: the
+    same modules in the same order as timm's `forward_features`, so the last map equals `forward_features(images)`.
+    (tf_efficientnet_lite0's blocks 0–6 give 16, 24, 40, 80, 112, 192, 320 channels at strides 2, 4, 8, 16, 16, 32,
+    32; the final map, after conv_head, 1280 at 32.)"""
+    x = module.bn1(module.conv_stem(images))
+    wanted, maps = set(stages), []
+    for i, block in enumerate(module.blocks):
+        x = block(x)
+        if i in wanted:
+            maps.append(x)
+    maps.append(module.bn2(module.conv_head(x)))
+    return maps
+
+
+@torch.no_grad()
+def stage_layout(module: nn.Module, side: int = 128) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(channels, strides) of each of `module.blocks`' outputs, then of the final feature map, from one dry run on a
+    side×side zero image in eval mode (no BatchNorm statistics change); `side` must be a multiple of the largest
+    stride. ValueError if `module` is not EfficientNet-style (`STAGED_PARTS`)."""
+    missing = [name for name in STAGED_PARTS if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"multi-level features need a timm EfficientNet-style backbone ({', '.join(STAGED_PARTS)}); "
+                         f"{type(module).__name__} has no {', '.join(missing)}")
+    weight = next(module.parameters())
+    training = module.training
+    module.eval()
+    try:
+        maps = forward_stages(module, weight.new_zeros(1, 3, side, side), range(len(module.blocks)))
+    finally:
+        module.train(training)
+    return tuple(int(m.shape[1]) for m in maps), tuple(side // int(m.shape[-1]) for m in maps)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.errors import CheckpointError
-from components.models.backbones import create_backbone, freeze_stages
-from components.models.pooling import make_pooling
+from components.models.backbones import create_backbone, forward_stages, freeze_stages, stage_layout
+from components.models.pooling import is_multi_level, make_pooling
 from components.models.whitening import Whitening
 from components.storage import atomic_write_path
 
@@ -26,7 +26,8 @@ class RetrievalNet(nn.Module):
     `meta` holds everything needed to rebuild the network and preprocess images for it:
     arch, pooling (a `POOLINGS` name), pooling_args (its constructor args; absent for the plain poolings), gem_p,
     image_size, mean, std, whitening_dim (None: no whitening layer) and dim, the descriptor size (whitening_dim if
-    set, else the pooling's output size `pooled_dim`: the backbone's channel count for MAC/SPoC/GeM/R-MAC). A search
+    set, else the pooling's output size `pooled_dim`: the backbone's channel count for MAC/SPoC/GeM/R-MAC). A
+    multi-level pooling (multi_level) pools the maps of several backbone stages (`features`). A search
     model's meta (the postprocess stage's) adds scales (multi-scale descriptors at round(s · image_size)) and
     reranking.
     """
@@ -35,7 +36,8 @@ class RetrievalNet(nn.Module):
         super().__init__()
         backbone = create_backbone(meta["arch"], weights)
         self.backbone = backbone.module
-        self.pool = make_pooling(meta["pooling"], meta.get("gem_p", 3.0), meta.get("pooling_args"), backbone.dim)
+        layout = stage_layout(self.backbone) if is_multi_level(meta["pooling"]) else None
+        self.pool = make_pooling(meta["pooling"], meta.get("gem_p", 3.0), meta.get("pooling_args"), backbone.dim, layout)
         self.pooled_dim = self.pool.output_dim(backbone.dim)
         whitening_dim = meta.get("whitening_dim")
         self.whitening = None if whitening_dim is None else Whitening(self.pooled_dim, whitening_dim)
@@ -56,9 +58,16 @@ class RetrievalNet(nn.Module):
         extra = {"pooling_args": dict(pooling_args)} if pooling_args else {}
         return cls({"arch": arch, "pooling": pooling, **extra, "gem_p": gem_p, "image_size": image_size}, weights)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The pooling's input: the backbone's final feature map (B, C, h, w), or for a multi-level pooling the list
+        of the maps of its `stages` (blocks) and, last, the final map — computed in one pass, the same layers."""
+        if self.pool.multi_level:
+            return forward_stages(self.backbone, images, self.pool.stages)
+        return self.backbone.forward_features(images)
+
     def pooled(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, un-normalised features (B, dim): what a classification head sees."""
-        return self.pool(self.backbone.forward_features(images))
+        return self.pool(self.features(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.describe([images])

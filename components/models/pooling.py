@@ -1,5 +1,6 @@
 """Global pooling of a conv feature map (B, C, H, W) into one vector per image (B, D): D = C for the channel-wise
-poolings (MAC, SPoC, GeM, R-MAC); NetVLAD, GeM + second-order and MOP give other sizes (`output_dim`)."""
+poolings (MAC, SPoC, GeM, R-MAC); NetVLAD, GeM + second-order and MOP give other sizes (`output_dim`). A
+multi-level pooling (`multi_level = True`: MultiLevel) pools a list of maps of several backbone stages instead."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from components.registry import Registry, Spec
 
 
 class Pooling(nn.Module):
-    """A global pooling: (B, C, H, W) → (B, output_dim(C)); channel-wise poolings keep C."""
+    """A global pooling: (B, C, H, W) → (B, output_dim(C)); channel-wise poolings keep C.
+
+    One with `multi_level = True` is given instead the list of maps `RetrievalNet.features` collects: the outputs of
+    the backbone blocks its `stages` name, then the final feature map (C channels); it is built with the backbone's
+    `stage_channels` and `stage_strides` (`backbones.stage_layout`)."""
+
+    multi_level = False
 
     def output_dim(self, in_channels: int) -> int:
         return in_channels
@@ -310,13 +317,96 @@ class MOP(Pooling):
         return f"levels={list(self.levels)}, region_pooling={self.region_pooling}"
 
 
+class MultiLevel(Pooling):
+    """Multi-level feature fusion (the ALISC 2015 third-place method), trained end to end with the backbone.
+
+    The levels are the outputs of the backbone blocks `stages` (indices of timm EfficientNet `blocks`, strictly
+    increasing) and, always last, the final feature map (after conv_head: every trainable backbone layer is in the
+    graph). Each level is max-pooled to the final map's size — a k×k window, stride k, ceil mode, k its stride ratio
+    (⌈⌈H/s⌉/k⌉ = ⌈H/(s·k)⌉: exact for odd sizes too; no adaptive pooling, so it exports to ONNX with dynamic sizes)
+    — then 1×1-convolved (with bias) to `channels`; the levels are summed with learnable weights softmax(w) (w = 0 at
+    the start: equal weights), and the fused map is GeM-pooled (p = `model.gem_p`, learnable; it clamps negatives to
+    eps) or SPoC-pooled (`pooling`; the mean). output_dim = `channels`. Lite0 blocks 0–6 have 16, 24, 40, 80, 112,
+    192, 320 channels at strides 2, 4, 8, 16, 16, 32, 32, the final map 1280 at 32; the default stages (2, 4) fuse
+    40@8, 112@16 and 1280@32 into 512 channels.
+    """
+
+    multi_level = True
+
+    def __init__(self, stage_channels: Sequence[int], stage_strides: Sequence[int], stages: Sequence[int] = (2, 4),
+                 channels: int = 512, pooling: str = "gem", p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        stages = tuple(int(i) for i in stages)
+        blocks = len(stage_channels) - 1  # the last entry is the final map
+        if len(stage_strides) != len(stage_channels) or blocks < 1:
+            raise ValueError(f"need one stride per stage and a final map, got channels {list(stage_channels)}, "
+                             f"strides {list(stage_strides)}")
+        if not stages or any(a >= b for a, b in zip(stages, stages[1:])):
+            raise ValueError(f"stages must be strictly increasing block indices, got {list(stages)}")
+        if stages[0] < 0 or stages[-1] >= blocks:
+            raise ValueError(f"stages must be block indices 0..{blocks - 1} of this backbone, got {list(stages)}")
+        if channels < 1 or pooling not in ("gem", "spoc"):
+            raise ValueError(f"need channels >= 1 and pooling 'gem' or 'spoc', got {channels}, {pooling!r}")
+        levels = [*stages, blocks]
+        final = int(stage_strides[-1])
+        if any(final % int(stage_strides[i]) for i in levels):
+            raise ValueError(f"the final stride {final} is not a multiple of every fused stage's: "
+                             f"{[int(stage_strides[i]) for i in levels]}")
+        self.stages, self.channels, self.pooling, self.eps = stages, int(channels), pooling, eps
+        self.kernels = tuple(final // int(stage_strides[i]) for i in levels)  # max-pool window (and stride) per level
+        self.reduce = nn.ModuleList(nn.Conv2d(int(stage_channels[i]), self.channels, 1) for i in levels)
+        self.level_logits = nn.Parameter(torch.zeros(len(levels)))  # the level weights are their softmax
+        self.gem = GeM(p, eps) if pooling == "gem" else None
+
+    def output_dim(self, in_channels: int) -> int:
+        return self.channels
+
+    def align(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each level max-pooled to the final map's (the last one's) spatial size."""
+        if len(maps) != len(self.kernels):
+            raise ValueError(f"expected {len(self.kernels)} maps (stages {list(self.stages)} and the final map), "
+                             f"got {len(maps)}")
+        aligned = [x if k == 1 else F.max_pool2d(x, k, k, ceil_mode=True) for x, k in zip(maps, self.kernels)]
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):  # sizes are symbolic while exporting
+            target = aligned[-1].shape[-2:]
+            if any(x.shape[-2:] != target for x in aligned):
+                raise ValueError(f"stage maps do not align to {tuple(target)}: {[tuple(x.shape[-2:]) for x in maps]}")
+        return aligned
+
+    def fuse(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The fused map (B, channels, h, w): Σ_l softmax(w)_l · conv_l(align(x_l))."""
+        weights = self.level_logits.softmax(dim=0)
+        fused = None
+        for i, (conv, x) in enumerate(zip(self.reduce, self.align(maps))):
+            level = weights[i] * conv(x)
+            fused = level if fused is None else fused + level
+        return fused
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        fused = self.fuse(maps)
+        return fused.mean(dim=(-2, -1)) if self.gem is None else self.gem(fused)
+
+    def extra_repr(self) -> str:
+        return f"stages={list(self.stages)}, channels={self.channels}, pooling={self.pooling}, kernels={list(self.kernels)}"
+
+
 POOLINGS = Registry("pooling", {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "netvlad": NetVLAD,
-                                "gem_second_order": GeMSecondOrder, "mop": MOP})
+                                "gem_second_order": GeMSecondOrder, "mop": MOP, "multi_level": MultiLevel})
+
+
+def is_multi_level(name: str) -> bool:
+    """Whether the pooling named `name` pools the maps of several backbone stages (`Pooling.multi_level`)."""
+    return bool(getattr(POOLINGS[name], "multi_level", False))
 
 
 def make_pooling(name: str, gem_p: float = 3.0, args: Mapping[str, Any] | None = None,
-                 in_channels: int | None = None) -> Pooling:
-    """The pooling named `name` built with `args` (its `{name, args}` params); GeM exponents start at `gem_p`, and
-    poolings with their own layers (NetVLAD, GeM + second-order) are sized for `in_channels` input channels."""
-    context = {"p": gem_p} if in_channels is None else {"p": gem_p, "in_channels": in_channels}
+                 in_channels: int | None = None,
+                 stage_layout: tuple[Sequence[int], Sequence[int]] | None = None) -> Pooling:
+    """The pooling named `name` built with `args` (its `{name, args}` params); GeM exponents start at `gem_p`,
+    poolings with their own layers (NetVLAD, GeM + second-order) are sized for `in_channels` input channels, and a
+    multi-level one for the backbone's `stage_layout` (channels, strides of each block then the final map:
+    `backbones.stage_layout`)."""
+    context: dict[str, Any] = {"p": gem_p} if in_channels is None else {"p": gem_p, "in_channels": in_channels}
+    if stage_layout is not None:
+        context["stage_channels"], context["stage_strides"] = (tuple(v) for v in stage_layout)
     return POOLINGS.build(Spec(name, dict(args or {})), **context)
