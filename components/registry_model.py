@@ -13,20 +13,15 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
     """A batch of RGB uint8 images (B, H, W, 3) → L2-normalised descriptors (B, dim)."""
 
     def load_context(self, context) -> None:
+        from components.catalog.describe import TorchDescriber
         from components.models.net import load_net
 
-        self.net = load_net(Path(context.artifacts["checkpoint"]))
+        self.describer = TorchDescriber(load_net(Path(context.artifacts["checkpoint"])))  # as `firesight` describes
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        import torch
         from PIL import Image
 
-        from components.data.transforms import BatchTransform
-
-        transforms = BatchTransform.for_scales(self.net.meta)  # the search model's resolution and scales
-        images = [(Image.fromarray(img),) for img in np.asarray(model_input, dtype=np.uint8)]
-        with torch.no_grad():
-            return self.net.describe([transform(images)[0] for transform in transforms]).numpy()
+        return self.describer.describe([Image.fromarray(img) for img in np.asarray(model_input, dtype=np.uint8)])
 
 
 mlflow.models.set_model(EmbeddingModel())

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from components.app.cli import app
+from pipelines.cli import app
 from components.catalog import indexing
 from components.models.net import RetrievalNet, save_checkpoint
 from components.search.index import IndexSpec
@@ -191,7 +191,7 @@ def test_onnx_export_then_search_without_torch(sample_index, tmp_path):
     code, out, _ = _invoke("search", *queries, "-k", "5", "--model", str(ckpt), "--index", str(root / "index"), "--json")
     by_torch = json.loads(out)["queries"]
     program = ("import json, sys\n"
-               "from components.app.cli import app\n"
+               "from pipelines.cli import app\n"
                "try:\n"
                f"    app({['search', *queries, '-k', '5', '--engine', 'onnx', '--model', str(onnx_path), '--index', str(root / 'index'), '--json']!r})\n"
                "except SystemExit as e:\n"

@@ -2,7 +2,6 @@
 1×1-convolved to one channel count, summed with learnable softmax weights, GeM- or SPoC-pooled — selected from params,
 trained end to end through the one retrieval loop, exported to ONNX; single-level nets are unchanged."""
 
-import json
 
 import numpy as np
 import pytest
@@ -10,16 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from components.models.backbones import create_backbone, forward_stages, stage_layout
-from components.models.net import RetrievalNet, load_net, read_checkpoint, save_checkpoint
+from components.models.net import RetrievalNet
 from components.models.pooling import MultiLevel, make_pooling
-from components.models.spec import NetSpec
 from components.registry import Spec
-from components.training.context import LocalContext, read_train_state
-from components.training.jobs import Optimisation, RetrievalJob
-from components.training.retrieval import train_retrieval
 from pipelines.common import net_spec
 from pipelines.params import ParamsError, load_params
-from tests.conftest import contrastive, params_with, random_pairs, tiny_retrieval_data
+from tests.conftest import params_with
 
 LITE0 = "tf_efficientnet_lite0"
 DEFAULTS = {"stages": [2, 4], "channels": 512, "pooling": "gem"}  # MultiLevel's defaults, as params would set them
@@ -187,45 +182,6 @@ def test_bad_multi_level_args_are_refused_naming_the_key(tmp_path, args, message
     with pytest.raises(ParamsError) as caught:
         load_params(path)
     assert message in str(caught.value)
-
-
-# ---------------------------------------------------------------- one epoch through the retrieval loop
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_retrieval_data(tmp_path_factory.mktemp("images"))
-
-
-def test_multi_level_trains_one_epoch_and_its_checkpoint_reloads(data, tmp_path):
-    train, val = data
-    args = {"stages": [2, 4], "channels": 32, "pooling": "gem"}
-    job = RetrievalJob(
-        net=NetSpec(LITE0, "multi_level", 3.0, 48, None, frozen_stages=6, pooling_args=args),
-        optim=Optimisation(1, 4, 0.01, 0.9, 0.0, 10, 0.1, (40, 48), True, 0),
-        train=train, retrieval_val=val, criterion=contrastive(0.5, 1.2), sampler=random_pairs(2, 2),
-    )
-    ctx = LocalContext(tmp_path / "ckpt")
-    train_retrieval(job, ctx)
-    assert [r["epoch"] for r in ctx.reports] == [0, 1]
-    assert np.isfinite(ctx.reports[1]["train_loss"]) and 0 < ctx.reports[1]["val_map"] <= 1
-    folder = ctx.latest_checkpoint()
-    ckpt = read_checkpoint(folder / "best.pt")
-    meta = ckpt["meta"]
-    assert meta["pooling"] == "multi_level" and meta["pooling_args"] == args and meta["dim"] == 32
-    assert json.loads(json.dumps(meta)) == meta
-    assert {k for k in ckpt["state_dict"] if k.startswith("pool.")} == {
-        "pool.level_logits", "pool.gem.p", *(f"pool.reduce.{i}.{w}" for i in range(3) for w in ("weight", "bias"))}
-    net = load_net(folder / "best.pt")
-    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        d = net(x)
-    assert d.shape == (2, 32) and torch.allclose(d.norm(dim=1), torch.ones(2), atol=1e-5)
-    rebuilt = RetrievalNet(meta)
-    rebuilt.load_state_dict(read_train_state(folder)["tracker"]["best_state"])
-    save_checkpoint(tmp_path / "again.pt", net)
-    with torch.no_grad():
-        assert torch.equal(rebuilt.eval()(x), d) and torch.equal(load_net(tmp_path / "again.pt")(x), d)
 
 
 # ---------------------------------------------------------------- ONNX

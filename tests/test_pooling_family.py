@@ -240,6 +240,7 @@ def data(tmp_path_factory):
     ("netvlad", {"clusters": 4, "reduction_dim": 32, "alpha": 50.0}, 128),
     ("gem_second_order", {"reduction_dim": 8, "iterations": 3, "centred": True}, 1280 + 36),
     ("mop", {"levels": [1, 2], "region_pooling": "gem"}, 2 * 1280),
+    ("multi_level", {"stages": [2, 4], "channels": 32, "pooling": "gem"}, 32),
 ])
 def test_pooling_trains_one_epoch_and_its_checkpoint_reloads(data, tmp_path, pooling, args, dim):
     train, val = data
@@ -259,6 +260,9 @@ def test_pooling_trains_one_epoch_and_its_checkpoint_reloads(data, tmp_path, poo
     if pooling == "netvlad":  # k-means ran in the job, before epoch 0, and is kept in the checkpoint
         assert ckpt["state_dict"]["pool.initialised"] == 1
         assert read_train_state(folder)["model"]["net.pool.initialised"] == 1
+    if pooling == "multi_level":  # a 1×1 conv per fused level (blocks 2 and 4, then the final map) and its weights
+        assert {k for k in ckpt["state_dict"] if k.startswith("pool.")} == {
+            "pool.level_logits", "pool.gem.p", *(f"pool.reduce.{i}.{w}" for i in range(3) for w in ("weight", "bias"))}
     # rebuilt from the checkpoint alone, twice over: the same descriptors
     net = load_net(folder / "best.pt")
     x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))

@@ -42,7 +42,8 @@ class Candidates:
 
 def candidates(source: str, label_from: str, max_pixels: int | None = None) -> Candidates:
     """The images of `source` — a folder of class folders (`label_from` "folder") or a CSV `path,label`
-    ("csv") — each read once: its sha256 is its id, and one that does not decode is rejected with the reason."""
+    ("csv") — each decoded once here to be checked (embedding decodes it again): its sha256 is its id, and one that
+    does not decode is rejected with the reason."""
     is_csv = source.lower().endswith(".csv")
     if (label_from == "csv") != is_csv:
         raise DataError(f"{source}: --label-from {label_from} needs "

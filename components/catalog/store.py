@@ -154,10 +154,13 @@ class SearchIndex:
             space.set_index_parameter(self.faiss_index, "nprobe", spec.nprobe)
 
     def rows_of(self, faiss_ids: np.ndarray) -> np.ndarray:
-        """Entry row positions of faiss ids (−1 for an id not in the index)."""
-        position = pd.Series(np.arange(len(self.entries)), index=self.entries[FAISS_ID].to_numpy())
-        return position.reindex(np.asarray(faiss_ids).ravel()).fillna(-1).to_numpy(np.int64).reshape(
-            np.shape(faiss_ids))
+        """Entry row positions of faiss ids (−1 for an id not in the index, or faiss's −1 for "not found"). Entries
+        are in increasing faiss id (ids are handed out in order and removal keeps the order), so a binary search."""
+        ids, wanted = self.entries[FAISS_ID].to_numpy(), np.asarray(faiss_ids)
+        if not len(ids):
+            return np.full(wanted.shape, -1, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+        return np.where(ids[rows] == wanted, rows, -1).astype(np.int64)
 
     # -- writing ---------------------------------------------------------------------------------------------------
     @classmethod

@@ -77,16 +77,16 @@ def _load(model: str | None, settings: dict, engine: str = "torch"):
     return load_model(model or settings["model"], engine=engine, tracking_uri=settings["tracking_uri"])
 
 
-def _checked(make, index, settings: dict):
-    """make(), with the registry version that built `index` named when its model is refused."""
+def _checked(make, index: str, settings: dict):
+    """make(), with the registry version that built the index at `index` named when its model is refused."""
     from components.catalog.model import registry_version_of
-    from components.catalog.store import ModelMismatch
+    from components.catalog.store import ModelMismatch, SearchIndex
 
     try:
         return make()
     except ModelMismatch as e:
         name = settings["model"].removeprefix("models:/").split("@")[0].split("/")[0]
-        built = registry_version_of(index.model["weights_sha256"], name, settings["tracking_uri"])
+        built = registry_version_of(SearchIndex.open(index).model["weights_sha256"], name, settings["tracking_uri"])
         raise ModelMismatch(f"{e}" + (f" (this index's model is models:/{built}: pass --model models:/{built})"
                                       if built else "")) from None
 
@@ -124,7 +124,7 @@ def search(
         settings = _settings(params)
         opened = SearchIndex.open(index)
         searcher = _checked(lambda: Searcher(opened, _load(model, settings, engine).describer, rerank=rerank),
-                            opened, settings)
+                            index, settings)
         files = list(_query_files(queries))
         answers: list[dict] = []
         for start in range(0, len(files), QUERY_BATCH):
@@ -142,7 +142,8 @@ def search(
             answers += [{"query": f, "id": s, "results": [h.as_dict() for h in hs]} for f, s, hs in zip(good, sha, hits)]
     except FiresightError as e:
         _fail(str(e))
-    answers.sort(key=lambda a: files.index(a["query"]))
+    order = {f: i for i, f in reversed(list(enumerate(files)))}  # each file's first position
+    answers.sort(key=lambda a: order[a["query"]])
     if as_json:
         typer.echo(json.dumps({"index": index, "model": searcher.describer.meta.get("weights_sha256"), "k": k,
                                "queries": answers}, indent=2))
@@ -221,7 +222,7 @@ def index_add(
         target = SearchIndex.open(index)
         found = indexing.candidates(source, label_from)
         describer = _load(model, settings).describer
-        _checked(lambda: target.check_model(describer.meta), target, settings)  # before any embedding
+        _checked(lambda: target.check_model(describer.meta), index, settings)  # before any embedding
         report = indexing.add(target, describer.net, found.images, settings["batch_size"])
     except FiresightError as e:
         _fail(str(e))
@@ -288,12 +289,9 @@ def serve(
                 raise FiresightError("--uploads: Ray Serve replicas serve read-only (a write would reach one replica)")
             _serve_on_ray(index, model or settings["model"], engine, host, port, token, replicas, limits)
             return
-        from components.catalog.store import SearchIndex
-
-        opened = SearchIndex.open(index)
         searcher, info = _checked(lambda: load_searcher(index, model or settings["model"], engine=engine,
                                                         tracking_uri=settings["tracking_uri"], rerank=rerank),
-                                  opened, settings)
+                                  index, settings)
         if engine == "torch" and slots > 1:  # one forward per core beats one forward on all (bench/load_test.py)
             import torch
 
