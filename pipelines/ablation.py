@@ -3,7 +3,8 @@
     python -m pipelines.ablation [--config configs/caltech101-ablation.yaml]   # after `dvc repro` (its split and classifier)
 
 Rows: off-the-shelf ImageNet (and with its training-free choices); retr-s (single margin, from ImageNet); retr-d
-(double margin, from ImageNet); cls; cls + retr-d; cls + triplet; cls + retr-d with its training-free choices. Each
+(double margin, from ImageNet); cls; cls + retr-d; cls + triplet; cls + MS (the retrieval params: multi-similarity
+on P×K batches); MS alone (from ImageNet); cls + MS with its training-free choices (the full pipeline). Each
 trained row is a Ray Train job with the `retrieval` params of params.yaml (only the row's own differences applied);
 each row is scored on both test protocols with class-bootstrap CIs and compared with its parent row by a paired CI.
 Writes docs/ablation.md and docs/ablation.json, and one MLflow run per row nested under an `ablation` run.
@@ -47,17 +48,24 @@ class Row:
     free_wins: bool = False  # the postprocess stage's training-free choices, made on val for this row's network
 
 
+RETR_D = {"criterion": {"name": "double_margin_contrastive", "args": {"pos_margin": 0.7, "neg_margin": 1.2, "squared": True}},
+          "sampler": {"name": "random_pairs", "args": {"pos_per_class": 6, "neg_per_class": 6, "redraw_every": 5}},
+          "miner": None}  # DeepFirearm's stage 2
 TRIPLET = {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
-           "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 8, "images_per_class": 4}}}
-ROWS = [  # the retrieval params' double-margin criterion and sampler unless a row replaces them
+           "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 8, "images_per_class": 4, "batches_per_epoch": None}},
+           "miner": None}
+ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches) with the row's differences
     Row("off-the-shelf", None),
     Row("off-the-shelf + free wins", "off-the-shelf", start="off-the-shelf", free_wins=True),
-    Row("retr-s", "off-the-shelf", {"init": "imagenet", "criterion": {"args": {"pos_margin": 0.0}}}),
-    Row("retr-d", "retr-s", {"init": "imagenet"}),
+    Row("retr-s", "off-the-shelf", {"init": "imagenet", **RETR_D, "criterion": {**RETR_D["criterion"], "args": {
+        **RETR_D["criterion"]["args"], "pos_margin": 0.0}}}),
+    Row("retr-d", "retr-s", {"init": "imagenet", **RETR_D}),
     Row("cls", "off-the-shelf", start="classifier"),
-    Row("cls + retr-d", "cls", {"init": "classifier"}),
+    Row("cls + retr-d", "cls", {"init": "classifier", **RETR_D}),
     Row("cls + triplet", "cls", {"init": "classifier", **TRIPLET}),
-    Row("cls + retr-d + free wins", "cls + retr-d", start="cls + retr-d", free_wins=True),
+    Row("cls + MS", "cls", {"init": "classifier"}),
+    Row("MS", "off-the-shelf", {"init": "imagenet"}),
+    Row("cls + MS + free wins", "cls + MS", start="cls + MS", free_wins=True),
 ]
 
 

@@ -321,6 +321,8 @@ class RatioPairsSampler(_Named):
 class ClassBalancedArgs(_Section):
     classes_per_batch: int = Field(ge=2, le=10**4, description="P of the P×K batches")
     images_per_class: int = Field(ge=2, le=10**4, description="K of the P×K batches")
+    batches_per_epoch: int | None = Field(ge=1, le=10**7, description="batches of an epoch (all workers together); "
+                                          "null: one per P classes, each class about once")
 
 
 class ClassBalancedSampler(_Named):
@@ -380,12 +382,22 @@ class RetrievalParams(_TrainParams):
     sampler: Sampler = Field(description="how batches are drawn, from components.training.batches.SAMPLERS")
     miner: Miner | None = Field(description="in-batch mining, from components.miners.MINERS; null: "
                                                             "the sampler's pairs (or the whole batch)")
+    cache_frozen_trunk: bool = Field(description="compute the frozen stages' outputs once per image (and mirror): "
+                                     "train_max_side [S, S], flips the only augmentation")
 
     @model_validator(mode="after")
     def _triplets_formable(self):
         if (self.criterion.name in ("batch_hard_triplet", "coupled_clusters") and self.sampler.name != "class_balanced"
                 and self.miner is None):
             raise ValueError(f"criterion {self.criterion.name} mines P×K batches: use sampler class_balanced (or a miner)")
+        return self
+
+    @model_validator(mode="after")
+    def _cacheable(self):
+        if self.cache_frozen_trunk and (self.train_max_side[0] != self.train_max_side[1] or self.rotation_degrees
+                                        or self.color_jitter):
+            raise ValueError("cache_frozen_trunk trains at one size with flips only: train_max_side must be [S, S] "
+                             "and rotation_degrees, color_jitter 0")
         return self
 
 
@@ -545,6 +557,15 @@ class Params(_Section):
     evaluate: EvaluateParams
     tracking: TrackingParams
 
+
+    @model_validator(mode="after")
+    def _trunk_frozen(self):
+        if self.retrieval.cache_frozen_trunk:
+            if self.model.frozen_stages < 1:
+                raise ValueError("retrieval.cache_frozen_trunk needs a frozen trunk: model.frozen_stages >= 1")
+            if isinstance(self.model.pooling, MultiLevelPooling):
+                raise ValueError("retrieval.cache_frozen_trunk: a multi-level pooling reads maps inside the trunk")
+        return self
 
     @model_validator(mode="after")
     def _margins_matter(self):

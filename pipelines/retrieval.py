@@ -38,6 +38,7 @@ def retrieval_job(params: Params, p: RetrievalParams, splits: Splits, nets: dict
         sampler=p.sampler.spec(),
         miner=p.miner.spec() if p.miner else None,
         eval_batch_size=params.index.batch_size,
+        cache_frozen_trunk=p.cache_frozen_trunk,
     )
 
 

@@ -4,7 +4,7 @@ from pipelines.params import load_params, with_overrides
 
 def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
     assert [r.name for r in ROWS] == ["off-the-shelf", "off-the-shelf + free wins", "retr-s", "retr-d", "cls",
-                                      "cls + retr-d", "cls + triplet", "cls + retr-d + free wins"]
+                                      "cls + retr-d", "cls + triplet", "cls + MS", "MS", "cls + MS + free wins"]
     seen = set()
     for row in ROWS:
         assert row.parent is None if not seen else row.parent in seen  # compared with a row already scored
@@ -12,7 +12,10 @@ def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
     retrieval = load_params("params.yaml").retrieval
     rows = {r.name: with_overrides(retrieval, r.train) for r in ROWS if r.train is not None}
     assert rows["retr-s"].criterion.args.pos_margin == 0.0  # single vs double margin
-    assert rows["retr-d"].criterion == retrieval.criterion and rows["retr-d"].init == "imagenet"
+    assert rows["retr-d"].criterion.name == "double_margin_contrastive" and rows["retr-d"].init == "imagenet"
+    assert rows["retr-d"].criterion.args.pos_margin == 0.7 and rows["retr-d"].miner is None
+    assert rows["cls + MS"].criterion == retrieval.criterion and rows["cls + MS"].init == "classifier"
+    assert rows["MS"].criterion == retrieval.criterion and rows["MS"].init == "imagenet"
     assert rows["cls + triplet"].criterion.name == "batch_hard_triplet" and rows["cls + triplet"].sampler.name == "class_balanced"
 
 

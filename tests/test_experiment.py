@@ -12,7 +12,7 @@ from tests.conftest import REPO, dvc, git_commit_all
 
 FULL = REPO / "configs" / "caltech101-full.yaml"
 TRIPLET = {"retrieval": {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
-                         "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 4, "images_per_class": 2}}},
+                         "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 4, "images_per_class": 2, "batches_per_epoch": None}}},
            "tune": {"search": "off"}, "ingest": {"source": "it's/a path"}}
 
 

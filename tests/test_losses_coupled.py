@@ -72,7 +72,7 @@ def _override(tmp_path, text: str):
     return load_params(REPO / "params.yaml", tmp_path / "over.yaml")
 
 
-PK = "sampler: {name: class_balanced, args: {classes_per_batch: 4, images_per_class: 2}}"
+PK = "sampler: {name: class_balanced, args: {classes_per_batch: 4, images_per_class: 2, batches_per_epoch: null}}"
 
 
 def test_params_select_it_from_yaml_with_pk_batches(tmp_path):
@@ -90,7 +90,7 @@ def test_params_select_it_from_yaml_with_pk_batches(tmp_path):
     (f"criterion: {{name: coupled_clusters, args: {{}}}}\n  {PK}",
      "retrieval.criterion.coupled_clusters.args.margin: required key is missing"),
     ("criterion: {name: coupled_clusters, args: {margin: 0.5}}\n  "
-     "sampler: {name: random_pairs, args: {pos_per_class: 2, neg_per_class: 2, redraw_every: 1}}",
+     "sampler: {name: random_pairs, args: {pos_per_class: 2, neg_per_class: 2, redraw_every: 1}}\n  miner: null",
      "criterion coupled_clusters mines P×K batches: use sampler class_balanced (or a miner)"),
 ])
 def test_bad_params_are_refused_naming_the_key(tmp_path, text, message):

@@ -38,12 +38,12 @@ def test_committed_override_files_apply_to_params_yaml(config):
 
 def test_an_override_file_merges_sections_replaces_named_settings_and_extends(tmp_path):
     (tmp_path / "base.yaml").write_text("retrieval:\n  epochs: 7\n  sampler: {name: class_balanced, args: "
-                                        "{classes_per_batch: 4, images_per_class: 2}}\n")
+                                        "{classes_per_batch: 4, images_per_class: 2, batches_per_epoch: null}}\n")
     (tmp_path / "more.yaml").write_text("extends: base.yaml\nretrieval: {lr: 0.01}\nray: {num_workers: 1}\n")
     merged = load_params(REPO / "params.yaml", tmp_path / "more.yaml")
     base = load_params(REPO / "params.yaml")
     assert (merged.retrieval.epochs, merged.retrieval.lr, merged.ray.num_workers) == (7, 0.01, 1)
-    assert merged.retrieval.sampler.spec().args == {"classes_per_batch": 4, "images_per_class": 2}
+    assert merged.retrieval.sampler.spec().args == {"classes_per_batch": 4, "images_per_class": 2, "batches_per_epoch": None}
     assert merged.retrieval.criterion == base.retrieval.criterion and merged.retrieval.momentum == base.retrieval.momentum
     (tmp_path / "bad.yaml").write_text("retrieval: {epochs: 0}\n")
     with pytest.raises(ParamsError, match="params.yaml with .*bad.yaml: retrieval.epochs"):

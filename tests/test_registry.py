@@ -36,7 +36,7 @@ EXAMPLE_ARGS = {  # what a params file would set for each entry
         "mined_positive_pairs": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 1, "clusters": 4,
                                  "threshold": 0.8, "max_mined_per_class": 20},
         "ratio_pairs": {"pos_per_class": 2, "start": 1.0, "growth": 1.01, "max_ratio": 4.0},
-        "class_balanced": {"classes_per_batch": 2, "images_per_class": 2},
+        "class_balanced": {"classes_per_batch": 2, "images_per_class": 2, "batches_per_epoch": 3},
     },
 }
 SCHEMAS = {"loss": (LOSSES, Criterion), "miner": (MINERS, Miner), "sampler": (SAMPLERS, Sampler)}
@@ -136,4 +136,5 @@ def test_params_select_a_pytorch_metric_learning_loss_by_name_and_args():
     with pytest.raises(ParamsError, match="criterion.multi_similarity.args.alpha"):
         with_overrides(retrieval, {"criterion": {"name": "multi_similarity", "args": {"beta": 50.0, "base": 0.5}}})
     with pytest.raises(ParamsError, match="pos_margin < neg_margin"):
-        with_overrides(retrieval, {"criterion": {"args": {"pos_margin": 1.3}}})
+        with_overrides(retrieval, {"criterion": {"name": "double_margin_contrastive",
+                                                 "args": {"pos_margin": 1.3, "neg_margin": 1.2, "squared": True}}})

@@ -122,7 +122,7 @@ def _margins(pos=(0.5,), neg=(1.0, 1.2), pos_range=(0.0, 1.0), neg_range=(0.6, 1
     ({"search": "bayes"}, None, "tune.search"),
     ({"driver_cpu": 0.5}, None, "tune.driver_cpu: unknown key"),
     ({}, {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
-          "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 2, "images_per_class": 2}}},
+          "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 2, "images_per_class": 2, "batches_per_epoch": None}}},
      "does not fit retrieval: .*criterion.batch_hard_triplet.args.pos_margin: unknown key"),
 ])
 def test_bad_tune_params_are_named(tmp_path, tune, retrieval, message):
@@ -132,7 +132,7 @@ def test_bad_tune_params_are_named(tmp_path, tune, retrieval, message):
 
 def test_search_off_with_another_loss_is_valid(tmp_path):
     triplet = {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
-               "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 2, "images_per_class": 2}}}
+               "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 2, "images_per_class": 2, "batches_per_epoch": None}}}
     assert load_params(_params_file(tmp_path, {"search": "off"}, triplet)).tune.search == "off"
 
 

@@ -96,12 +96,14 @@ class PKBatchSampler(Sampler[list[int]]):
 
     Each epoch shuffles the classes into groups of P, so every class comes up about once; the last group is
     completed with other random classes, and extra random batches make the count a multiple of `num_replicas`.
+    With `batches`, an epoch has that many (rounded up to a multiple of `num_replicas`): as many such passes over
+    the classes as it takes, cut to length.
     A class with fewer than K images is sampled with replacement. All ranks draw the same batch list from
     (seed, epoch) and rank r takes batches r, r + R, …, so ranks get disjoint batches of equal number.
     """
 
     def __init__(self, labels: np.ndarray, classes_per_batch: int, images_per_class: int, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, batches: int | None = None) -> None:
         self.labels = np.asarray(labels)
         self.classes = np.unique(self.labels)
         if not 1 <= classes_per_batch <= len(self.classes):
@@ -114,7 +116,10 @@ class PKBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.members = {c: np.flatnonzero(self.labels == c) for c in self.classes}
-        groups = math.ceil(len(self.classes) / self.p)
+        if batches is not None and batches < 1:
+            raise ValueError(f"batches must be >= 1, got {batches}")
+        self.passes = 1 if batches is None else math.ceil(batches / math.ceil(len(self.classes) / self.p))
+        groups = math.ceil(len(self.classes) / self.p) if batches is None else batches
         self.total_batches = math.ceil(groups / num_replicas) * num_replicas
 
     def set_epoch(self, epoch: int) -> None:
@@ -125,11 +130,15 @@ class PKBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        perm = rng.permutation(self.classes)
-        groups = [perm[i:i + self.p] for i in range(0, len(perm), self.p)]
-        if len(groups[-1]) < self.p:
-            rest = np.setdiff1d(self.classes, groups[-1])
-            groups[-1] = np.concatenate([groups[-1], rng.choice(rest, self.p - len(groups[-1]), replace=False)])
+        groups = []
+        for _ in range(self.passes):  # each pass: every class once, in a random order
+            perm = rng.permutation(self.classes)
+            passed = [perm[i:i + self.p] for i in range(0, len(perm), self.p)]
+            if len(passed[-1]) < self.p:
+                rest = np.setdiff1d(self.classes, passed[-1])
+                passed[-1] = np.concatenate([passed[-1], rng.choice(rest, self.p - len(passed[-1]), replace=False)])
+            groups += passed
+        groups = groups[:self.total_batches]
         groups += [rng.choice(self.classes, self.p, replace=False) for _ in range(self.total_batches - len(groups))]
         batches = [[int(i) for c in group for i in rng.choice(self.members[c], self.k, replace=len(self.members[c]) < self.k)]
                    for group in groups]

@@ -158,15 +158,48 @@ def forward_stages(module: nn.Module, images: torch.Tensor, stages: Sequence[int
     return maps
 
 
+def frozen_blocks(module: nn.Module) -> int:
+    """How many of `module.blocks` are frozen together with the stem: the length of the frozen prefix of the forward
+    pass (no parameter of the stem or of those blocks trains), −1 when the stem itself trains. Its output is then a
+    fixed function of the image (with BatchNorm statistics frozen): `forward_trunk`'s, which can be computed once."""
+    _check_staged(module, "a frozen trunk")
+    if any(p.requires_grad for part in ("conv_stem", "bn1") for p in getattr(module, part).parameters()):
+        return -1
+    n = 0
+    while n < len(module.blocks) and not any(p.requires_grad for p in module.blocks[n].parameters()):
+        n += 1
+    return n
+
+
+def forward_trunk(module: nn.Module, images: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The stem, then `module.blocks[:n_blocks]`: the first part of `forward_features`."""
+    x = module.bn1(module.conv_stem(images))
+    for block in module.blocks[:n_blocks]:
+        x = block(x)
+    return x
+
+
+def forward_rest(module: nn.Module, trunk: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """`module.blocks[n_blocks:]`, then the head conv: `forward_features` from `forward_trunk`'s output on."""
+    x = trunk
+    for block in module.blocks[n_blocks:]:
+        x = block(x)
+    return module.bn2(module.conv_head(x))
+
+
+def _check_staged(module: nn.Module, what: str) -> None:
+    missing = [name for name in STAGED_PARTS if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"{what} needs a timm EfficientNet-style backbone ({', '.join(STAGED_PARTS)}); "
+                         f"{type(module).__name__} has no {', '.join(missing)}")
+
+
 @torch.no_grad()
 def stage_layout(module: nn.Module, side: int = 128) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(channels, strides) of each of `module.blocks`' outputs, then of the final feature map, from one dry run on a
     side×side zero image in eval mode (no BatchNorm statistics change); `side` must be a multiple of the largest
     stride. ValueError if `module` is not EfficientNet-style (`STAGED_PARTS`)."""
-    missing = [name for name in STAGED_PARTS if not hasattr(module, name)]
-    if missing:
-        raise ValueError(f"multi-level features need a timm EfficientNet-style backbone ({', '.join(STAGED_PARTS)}); "
-                         f"{type(module).__name__} has no {', '.join(missing)}")
+    _check_staged(module, "multi-level features")
     weight = next(module.parameters())
     training = module.training
     module.eval()

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.errors import CheckpointError
-from components.models.backbones import create_backbone, forward_stages, freeze_stages, stage_layout
+from components.models.backbones import (create_backbone, forward_rest, forward_stages, forward_trunk, freeze_stages,
+                                         frozen_blocks, stage_layout)
 from components.models.pooling import is_multi_level, make_pooling
 from components.models.whitening import Whitening
 from components.storage import atomic_write_path
@@ -78,6 +79,26 @@ class RetrievalNet(nn.Module):
         x = F.normalize(self.pooled(scaled[0]), dim=-1)
         if len(scaled) > 1:
             x = F.normalize(x + sum(F.normalize(self.pooled(s), dim=-1) for s in scaled[1:]), dim=-1)
+        return x if self.whitening is None else self.whitening(x)
+
+    def frozen_trunk(self) -> int:
+        """How many backbone blocks (with the stem) are frozen: the trunk whose output `describe_from_trunk` continues
+        from (0: the stem alone); ValueError when nothing before the pooling is frozen, or for a multi-level pooling
+        (it reads maps inside the trunk)."""
+        n = frozen_blocks(self.backbone)
+        if n < 0:
+            raise ValueError("no frozen trunk: the backbone's stem trains (model.frozen_stages is 0)")
+        if self.pool.multi_level:
+            raise ValueError("a multi-level pooling reads the maps of several stages: it cannot start from a trunk")
+        return n
+
+    def trunk(self, images: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The stem and the first `n_blocks` backbone blocks' output."""
+        return forward_trunk(self.backbone, images, n_blocks)
+
+    def describe_from_trunk(self, trunk: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """The one-scale descriptor from `trunk(images, n_blocks)`: equal to `describe([images])`."""
+        x = F.normalize(self.pool(forward_rest(self.backbone, trunk, n_blocks)), dim=-1)
         return x if self.whitening is None else self.whitening(x)
 
     def set_whitening(self, mean: np.ndarray | torch.Tensor, projection: np.ndarray | torch.Tensor) -> None:

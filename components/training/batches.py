@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from components.data.datasets import ImageDataset, PairDataset
 from components.data.samplers import (PKBatchSampler, draw_query_positives, draw_random_pairs, draw_ratio_pairs,
@@ -30,6 +30,7 @@ from components.losses.verification import NegativeRatioSchedule
 from components.models.net import RetrievalNet
 from components.registry import Registry
 from components.training.context import WorkerContext
+from components.training.feature_cache import CachedImages, CachedPairs, TrunkCache, stack_images, stack_pairs
 from components.training.fit import augmenting, shuffled_shard
 from components.training.jobs import LabelledImages, Optimisation
 
@@ -45,13 +46,28 @@ class Batch:
 
 @dataclass(frozen=True)
 class TrainingData:
-    """What a sampler draws from: the train images and the state it may need (the current net, for mining)."""
+    """What a sampler draws from: the train images and the state it may need (the current net, for mining); with a
+    `cache`, batches hold the images' cached trunks (`feature_cache`) instead of augmented images."""
 
     train: LabelledImages
     net: RetrievalNet
     optim: Optimisation
     ctx: WorkerContext
     eval_batch_size: int
+    cache: TrunkCache | None = None
+
+    def images(self) -> tuple[Dataset, Callable]:
+        """The train images (items (image or trunk, label, i)) and their training collate."""
+        if self.cache is not None:
+            return CachedImages(self.cache, self.train.labels), stack_images
+        return (ImageDataset(self.train.uris, self.train.labels),
+                augmenting(BatchTransform, self.net, self.optim, self.ctx))
+
+    def pairs(self, pairs: np.ndarray) -> tuple[Dataset, Callable]:
+        """The pairs (i, j, same) of train images (items (a, b, same, i, j)) and their training collate."""
+        if self.cache is not None:
+            return CachedPairs(self.cache, pairs), stack_pairs
+        return PairDataset(self.train.uris, pairs), augmenting(PairBatchTransform, self.net, self.optim, self.ctx)
 
 
 class EpochBatches:
@@ -90,10 +106,9 @@ class _PairSampler(ABC):
         number = self.draw_number(epoch)
         if number not in self._drawn:
             self._drawn = {number: self.draw(epoch, labels, np.random.default_rng([data.optim.seed, number]), data)}
-        pair_set = PairDataset(data.train.uris, self._drawn[number])
+        pair_set, collate = data.pairs(self._drawn[number])
         sampler = shuffled_shard(pair_set, data.ctx, data.optim.seed, epoch)
-        loader = DataLoader(pair_set, batch_size=data.optim.batch_size, sampler=sampler,
-                            collate_fn=augmenting(PairBatchTransform, data.net, data.optim, data.ctx))
+        loader = DataLoader(pair_set, batch_size=data.optim.batch_size, sampler=sampler, collate_fn=collate)
         label_of = torch.as_tensor(labels)
 
         def to_batch(item) -> Batch:
@@ -220,18 +235,21 @@ class MinedPositivePairs(_PairSampler):
 
 
 class ClassBalanced:
-    """P×K batches (`classes_per_batch` × `images_per_class`), every class about once an epoch; the loss (or a
+    """P×K batches (`classes_per_batch` × `images_per_class`), every class about once an epoch — or, with
+    `batches_per_epoch`, that many batches (all ranks together), every class about equally often; the loss (or a
     miner) picks its pairs or triplets inside each batch."""
 
-    def __init__(self, classes_per_batch: int, images_per_class: int) -> None:
+    def __init__(self, classes_per_batch: int, images_per_class: int, batches_per_epoch: int | None = None) -> None:
         self.classes_per_batch, self.images_per_class = classes_per_batch, images_per_class
+        self.batches_per_epoch = batches_per_epoch
 
     def batches(self, epoch: int, data: TrainingData) -> EpochBatches:
         sampler = PKBatchSampler(np.array(data.train.labels), self.classes_per_batch, self.images_per_class,
-                                 seed=data.optim.seed, num_replicas=data.ctx.world_size, rank=data.ctx.rank)
+                                 seed=data.optim.seed, num_replicas=data.ctx.world_size, rank=data.ctx.rank,
+                                 batches=self.batches_per_epoch)
         sampler.set_epoch(epoch)
-        loader = DataLoader(ImageDataset(data.train.uris, data.train.labels), batch_sampler=sampler,
-                            collate_fn=augmenting(BatchTransform, data.net, data.optim, data.ctx))
+        dataset, collate = data.images()
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
         positions: list[int] = []
 

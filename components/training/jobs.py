@@ -69,3 +69,4 @@ class RetrievalJob:
     eval_batch_size: int = 32
     audit_dir: str | None = None
     measure_start: bool = True  # evaluate the starting model as epoch 0 (a margin-search trial skips it)
+    cache_frozen_trunk: bool = False  # compute the frozen trunk once (components/training/feature_cache.py)

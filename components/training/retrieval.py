@@ -1,5 +1,7 @@
 """Stage 2 on a worker: metric learning on the train classes, selecting by val mAP — one loop for every loss,
-sampler and miner: embed the batch, let the miner (if any) choose its pairs or triplets, call the loss."""
+sampler and miner: embed the batch, let the miner (if any) choose its pairs or triplets, call the loss. With
+`cache_frozen_trunk`, the frozen trunk's outputs are computed once (`feature_cache`) and every step and every val
+pass runs only the trainable blocks."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.evaluation.protocol import leave_one_out_map
 from components.evaluation.validation import val_map
 from components.losses import LOSSES
 from components.miners import MINERS
 from components.models.net import RetrievalNet
 from components.training.batches import SAMPLERS, TrainingData
 from components.training.context import WorkerContext
+from components.training.feature_cache import ValTrunks, train_cache
 from components.training.fit import fit, initialise_pooling, make_optimizer, step
 from components.training.jobs import RetrievalJob
 
@@ -20,12 +24,15 @@ from components.training.jobs import RetrievalJob
 class _RetrievalModel(nn.Module):
     """The net plus the loss's own parameters (heads, proxies), so one optimiser and one DDP wrapper see both."""
 
-    def __init__(self, net: RetrievalNet, loss: nn.Module) -> None:
+    def __init__(self, net: RetrievalNet, loss: nn.Module, trunk_blocks: int | None = None) -> None:
         super().__init__()
-        self.net, self.loss = net, loss
+        self.net, self.loss, self.trunk_blocks = net, loss, trunk_blocks
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Descriptors of a batch of images, or of their cached trunks when the job caches them."""
+        if self.trunk_blocks is None:
+            return self.net(inputs)
+        return self.net.describe_from_trunk(inputs, self.trunk_blocks)
 
 
 def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
@@ -33,11 +40,19 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
     net = job.net.build()
     num_classes = int(np.max(job.train.labels)) + 1
     criterion = LOSSES.build(job.criterion, num_classes=num_classes, embedding_size=net.meta["dim"])
-    model = _RetrievalModel(net, criterion).to(ctx.device)
+    model = _RetrievalModel(net, criterion, net.frozen_trunk() if job.cache_frozen_trunk else None).to(ctx.device)
     initialise_pooling(net, job.train, job.eval_batch_size, job.optim.seed, ctx.device)
     miner = MINERS.build(job.miner) if job.miner else None
     sampler = SAMPLERS.build(job.sampler)
-    data = TrainingData(job.train, net, job.optim, ctx, job.eval_batch_size)
+    cache = val_trunks = None
+    if job.cache_frozen_trunk:
+        side, high = job.optim.train_max_side
+        if side != high or job.optim.rotation_degrees or job.optim.color_jitter:
+            raise ValueError("a cached trunk trains at one size with flips only: train_max_side [S, S], no rotation "
+                             "or colour jitter")
+        cache = train_cache(net, job.train.uris, side, job.optim.hflip, job.eval_batch_size, ctx, job.optim.seed)
+        val_trunks = ValTrunks(net, job.retrieval_val.uris, job.eval_batch_size, ctx)
+    data = TrainingData(job.train, net, job.optim, ctx, job.eval_batch_size, cache)
 
     epoch_stats: dict[str, float] = {}  # what the sampler reports of its last draw (mined positives), logged per epoch
 
@@ -57,7 +72,11 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
         return float(np.mean(losses)), batches.positions
 
     def evaluate(epoch: int) -> dict[str, float]:
-        return {"val_map": val_map(net, job.retrieval_val, job.eval_batch_size, ctx), **epoch_stats}
+        if val_trunks is None:
+            value = val_map(net, job.retrieval_val, job.eval_batch_size, ctx)
+        else:
+            value = leave_one_out_map(val_trunks.describe(net), np.array(job.retrieval_val.labels))
+        return {"val_map": value, **epoch_stats}
 
     optimizer = make_optimizer(model, job.optim)
     fit(model, net, optimizer, job.optim, ctx, "val_map", run_epoch, evaluate, job.audit_dir,
