@@ -1,6 +1,6 @@
 """The paper's ablation on the current split, in one command:
 
-    python -m pipelines.ablation [--config configs/caltech101-ablation.yaml]   # after `dvc repro` (its split and classifier)
+    python -m pipelines.ablation [--config configs/caltech101-ablation.yaml] [--row "cls + MS" ...]   # after `dvc repro`
 
 Rows: off-the-shelf ImageNet (and with its training-free choices); retr-s (single margin, from ImageNet); retr-d
 (double margin, from ImageNet); cls; cls + retr-d; cls + triplet; cls + MS (the retrieval params: multi-similarity
@@ -69,7 +69,24 @@ ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches
 ]
 
 
-def run(params: Params, output: Path) -> list[dict]:
+def selected(names: list[str] | None) -> list[Row]:
+    """The rows named (all when None) and every row they compare with or start from, in table order."""
+    if not names:
+        return list(ROWS)
+    by_name = {r.name: r for r in ROWS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise FiresightError(f"no ablation row {', '.join(map(repr, unknown))} (rows: {', '.join(by_name)})")
+    wanted, todo = set(), list(names)
+    while todo:
+        row = by_name[todo.pop()]
+        if row.name not in wanted:
+            wanted.add(row.name)
+            todo += [n for n in (row.parent, row.start) if n in by_name]
+    return [r for r in ROWS if r.name in wanted]
+
+
+def run(params: Params, output: Path, rows: list[Row] = ROWS) -> list[dict]:
     if not (CLASSIFY_DIR / BEST_MODEL_FILE).is_file():
         raise FiresightError(f"{CLASSIFY_DIR / BEST_MODEL_FILE} is missing: run `dvc repro` first (the ablation uses its split and classifier)")
     splits = load_splits()
@@ -81,7 +98,7 @@ def run(params: Params, output: Path) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="ablation-", dir="."))
     tracking.configure(params.tracking.uri, params.tracking.experiment)
     with tracking.stage_run("ablation", {"retrieval": params.retrieval.model_dump(mode="json")}, {"git_commit": git_commit()}):
-        for row in ROWS:
+        for row in rows:
             with tracking.mlflow.start_run(run_name=f"ablation: {row.name}", nested=True), stopwatch() as timing:
                 model_dir = workdir / f"row{len(results)}"
                 selection: dict = {}
@@ -156,7 +173,9 @@ def markdown_table(results: list[dict], params: Params) -> str:
         f"database images. CIs: {params.evaluate.bootstrap.resamples} bootstrap resamples of the test classes; a gain's "
         f"CI is paired (both rows on the same resampled classes). Backbone {m.backbone} ({m.weights}), {m.pooling_spec().name} pooling, "
         f"image size {m.image_size}, frozen stages {m.frozen_stages}; retrieval: {rp.epochs} epochs, lr {rp.lr}, "
-        f"{_described(rp.criterion)} (retr-s: m+ 0) on {_described(rp.sampler)}; cls + triplet: "
+        f"trunk cached: {rp.cache_frozen_trunk}; MS rows: {_described(rp.criterion)} on {_described(rp.sampler)}, miner "
+        f"{_described(rp.miner) if rp.miner else None}; retr rows: {_described(RETR_D['criterion'])} (retr-s: m+ 0) on "
+        f"{_described(RETR_D['sampler'])}; cls + triplet: "
         f"{_described(TRIPLET['criterion'])} on {_described(TRIPLET['sampler'])}; free wins: the postprocess stage's "
         f"choices on val (params `postprocess`). Git commit {git_commit()}.",
         "",
@@ -181,10 +200,12 @@ def main(
     config: Path | None = typer.Option(None, "--config", help="an override file of params.yaml (e.g. configs/caltech101-ablation.yaml); "
                                 "its split and classifier must be built"),
     output: Path = typer.Option(Path("docs/ablation.md"), help="markdown table (a .json beside it)"),
+    row: list[str] = typer.Option(None, "--row", help="run only this row (repeatable) and the rows it compares with "
+                                  "or starts from; default: every row"),
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ablation %(levelname)s %(message)s")
     try:
-        run(load_params(DEFAULT_PARAMS, config), output)
+        run(load_params(DEFAULT_PARAMS, config), output, selected(row))
     except FiresightError as e:
         typer.echo(f"firesight ablation: error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -1,4 +1,7 @@
-from pipelines.ablation import ROWS, markdown_table
+import pytest
+
+from components.errors import FiresightError
+from pipelines.ablation import ROWS, markdown_table, selected
 from pipelines.params import load_params, with_overrides
 
 
@@ -36,3 +39,12 @@ def test_markdown_table_shows_cis_and_the_paired_gain_over_the_parent():
             "+0.1000 [+0.0700, +0.1300] vs off-the-shelf | 0.550 → 0.620 (2) | 4 |") in table
     assert "| off-the-shelf | 0.5000 [0.4500, 0.5500] |" in table and "| — | — | 3 |" in table
     assert "leave-one-out over 40 images" in table and "4 queries against 36 database images" in table
+
+
+def test_a_selection_of_rows_brings_the_rows_they_compare_with_and_start_from():
+    assert [r.name for r in selected(["cls + MS + free wins"])] == ["off-the-shelf", "cls", "cls + MS",
+                                                                    "cls + MS + free wins"]
+    assert [r.name for r in selected(["retr-d", "MS"])] == ["off-the-shelf", "retr-s", "retr-d", "MS"]
+    assert selected(None) == ROWS
+    with pytest.raises(FiresightError, match=r"no ablation row 'cls\+MS'"):
+        selected(["cls+MS"])
