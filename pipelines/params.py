@@ -562,9 +562,11 @@ class Params(_Section):
     def _trunk_frozen(self):
         if self.retrieval.cache_frozen_trunk:
             if self.model.frozen_stages < 1:
-                raise ValueError("retrieval.cache_frozen_trunk needs a frozen trunk: model.frozen_stages >= 1")
+                raise ValueError("retrieval.cache_frozen_trunk needs a frozen trunk: model.frozen_stages >= 1 "
+                                 "(or set retrieval.cache_frozen_trunk: false)")
             if isinstance(self.model.pooling, MultiLevelPooling):
-                raise ValueError("retrieval.cache_frozen_trunk: a multi-level pooling reads maps inside the trunk")
+                raise ValueError("retrieval.cache_frozen_trunk: a multi-level pooling reads maps inside the trunk "
+                                 "(set retrieval.cache_frozen_trunk: false)")
         return self
 
     @model_validator(mode="after")

@@ -164,8 +164,9 @@ TINY_PARAMS = {  # a whole `dvc repro` in a few minutes on 2 CPU cores
     "ingest": {"source": "data/sample", "min_side": 16},
     "model": {"image_size": 64, "frozen_stages": 5},
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
-    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
-                  "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
+    "retrieval": {"epochs": 1, "train_max_side": [64, 64],  # the default recipe (cached trunk, MS on P×K), tiny
+                  "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 4, "images_per_class": 2,
+                                                                 "batches_per_epoch": 4}}},
     "postprocess": {"image_sizes": [], "scale_sets": [[1.0]],  # a few of each step's candidates, at 64 px
                     "whitening": {"kinds": ["center"], "dims": [None], "shrinkages": [0.5]},
                     "dba": {"k": [0, 2], "alpha": [3.0]}, "qe": {"k": [0, 2], "alpha": [3.0]},

@@ -1,6 +1,8 @@
 """The frozen trunk computed once: the descriptors it continues to are the full pass's, a cached job trains what an
 uncached one does, and P×K epochs of a given length."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,8 @@ from components.registry import Spec
 from components.training.context import LocalContext
 from components.training.jobs import Optimisation, RetrievalJob
 from components.training.retrieval import train_retrieval
-from tests.conftest import random_pairs, tiny_retrieval_data
+from pipelines.params import ParamsError, load_params
+from tests.conftest import params_with, random_pairs, tiny_retrieval_data
 
 MS = Spec("multi_similarity", {"alpha": 2.0, "beta": 50.0, "base": 0.5})
 PK = Spec("class_balanced", {"classes_per_batch": 2, "images_per_class": 3, "batches_per_epoch": 4})
@@ -113,3 +116,19 @@ def test_pk_sampler_without_batches_draws_as_before():
     perm = rng.permutation(np.arange(10))
     first = list(PKBatchSampler(labels, 4, 2, seed=3))[0]
     assert sorted(set(labels[first])) == sorted(perm[:4].tolist())
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"retrieval": {"train_max_side": [160, 224]}}, "retrieval: cache_frozen_trunk trains at one size with flips only"),
+    ({"retrieval": {"train_max_side": [224, 224], "rotation_degrees": 5}}, "rotation_degrees, color_jitter 0"),
+    ({"model": {"frozen_stages": 0}}, "needs a frozen trunk: model.frozen_stages >= 1"),
+    ({"model": {"pooling": {"name": "multi_level", "args": {"stages": [4], "channels": 32, "pooling": "gem"}}}},
+     "a multi-level pooling reads maps inside the trunk (set retrieval.cache_frozen_trunk: false)"),
+])
+def test_params_refuse_what_the_trunk_cache_cannot_do_in_one_line(tmp_path, changes, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(params_with(changes))
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(path)
+    path.write_text(params_with({**changes, "retrieval": {**changes.get("retrieval", {}), "cache_frozen_trunk": False}}))
+    assert not load_params(path).retrieval.cache_frozen_trunk

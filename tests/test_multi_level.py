@@ -158,7 +158,8 @@ def test_single_level_poolings_pool_the_final_map(pooling, args):
                                   {"stages": [6], "channels": 1, "pooling": "gem"}])
 def test_multi_level_validates_from_yaml(tmp_path, args):
     path = tmp_path / "params.yaml"
-    path.write_text(params_with({"model": {"pooling": {"name": "multi_level", "args": args}}}))
+    path.write_text(params_with({"model": {"pooling": {"name": "multi_level", "args": args}},
+                                 "retrieval": {"cache_frozen_trunk": False}}))
     params = load_params(path)
     assert params.model.pooling_spec() == Spec("multi_level", args)
     spec = net_spec(params.model)

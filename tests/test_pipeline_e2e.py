@@ -22,7 +22,10 @@ TINY = {
     "classify": {"epochs": 1, "batch_size": 16, "train_max_side": [56, 72]},
     "tune": {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1,
              "asha": {"enabled": False, "grace_period": 1, "reduction_factor": 2}},
-    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [56, 72],
+    "retrieval": {"epochs": 1, "batch_size": 8, "train_max_side": [64, 64],  # DeepFirearm's pairs on the cached trunk
+                  "criterion": {"name": "double_margin_contrastive",
+                                "args": {"pos_margin": 0.7, "neg_margin": 1.2, "squared": True}},
+                  "miner": None,
                   "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2, "redraw_every": 5}}},
     "postprocess": {"image_sizes": [80], "scale_sets": [[1.0], [1.0, 0.75]],
                     "whitening": {"kinds": ["center", "pca", "learned"], "dims": [32], "shrinkages": [0.5]},

@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY_PARAMS, dvc, git_commit_all, margin_space, mlflow_server, set_params, tiny_sample, tool_env
+from tests.conftest import TINY_PARAMS, dvc, git_commit_all, mlflow_server, set_params, tiny_sample, tool_env
 
 pytestmark = pytest.mark.slow
-TUNE = {**margin_space(pos=[0.5], neg=[1.0, 1.2]), "epochs_per_trial": 1,
+TUNE = {"space": {"retrieval.lr": {"values": [0.01, 0.003], "range": None, "log": False, "integer": False, "above": None}},
+        "epochs_per_trial": 1,
         "asha": {"enabled": False, "grace_period": 1, "reduction_factor": 2}}
 OUTPUTS = ["data/manifest.parquet", "data/splits.parquet", "models/classify/best.pt", "models/retrieval/best.pt", "models/search/best.pt",
            "tune/best_params.json", "index/CURRENT", "index/g000001/faiss.index", "plots/distances.png"]

@@ -91,10 +91,16 @@ def test_experiment_name_follows_what_changes_results(tmp_path):
     assert experiment_name(WithMargins(job), _search(), cluster) != name
 
 
+RETR_D = {"criterion": {"name": "double_margin_contrastive", "args": {"pos_margin": 0.7, "neg_margin": 1.2, "squared": True}},
+          "sampler": {"name": "random_pairs", "args": {"pos_per_class": 6, "neg_per_class": 6, "redraw_every": 5}},
+          "miner": None}  # the margins these tests search
+
+
 def _params_file(tmp_path: Path, tune: dict, retrieval: dict | None = None, model: dict | None = None) -> Path:
+    """params.yaml with DeepFirearm's double-margin retrieval, then the changes given."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["tune"].update(tune)
-    params["retrieval"].update(retrieval or {})
+    params["retrieval"].update({**RETR_D, **(retrieval or {})})
     params["model"].update(model or {})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -121,7 +127,7 @@ def _margins(pos=(0.5,), neg=(1.0, 1.2), pos_range=(0.0, 1.0), neg_range=(0.6, 1
     ({"epochs_per_trial": 1, "asha": {"enabled": True, "grace_period": 2, "reduction_factor": 2}}, None, "grace_period \\(2\\) exceeds"),
     ({"search": "bayes"}, None, "tune.search"),
     ({"driver_cpu": 0.5}, None, "tune.driver_cpu: unknown key"),
-    ({}, {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
+    (_margins(), {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
           "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 2, "images_per_class": 2, "batches_per_epoch": None}}},
      "does not fit retrieval: .*criterion.batch_hard_triplet.args.pos_margin: unknown key"),
 ])
