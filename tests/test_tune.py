@@ -277,7 +277,7 @@ def test_a_search_over_a_non_margin_param_trains_each_value(tmp_path, ray_local)
                           "splits")
     params = load_params(_params_file(tmp_path, {"search": "grid", "space": {"retrieval.lr": _dim([0.001, 0.02], None)},
                                                  "max_concurrent_trials": 2},
-                                      {"init": "imagenet", "batch_size": 4, "train_max_side": [40, 48],
+                                      {"init": "imagenet", "batch_size": 4, "train_max_side": [48, 48],
                                        "sampler": {"name": "random_pairs", "args": {"pos_per_class": 2, "neg_per_class": 2,
                                                                                     "redraw_every": 1}}},
                                       model={"image_size": 48, "frozen_stages": 6}))
