@@ -48,17 +48,22 @@ class Row:
     free_wins: bool = False  # the postprocess stage's training-free choices, made on val for this row's network
 
 
-RETR_D = {"criterion": {"name": "double_margin_contrastive", "args": {"pos_margin": 0.7, "neg_margin": 1.2, "squared": True}},
-          "sampler": {"name": "random_pairs", "args": {"pos_per_class": 6, "neg_per_class": 6, "redraw_every": 5}},
-          "miner": None}  # DeepFirearm's stage 2
+def _retr(pos_margin: float) -> dict:
+    """DeepFirearm's stage 2: the double margin (m+ 0: the single margin) on random pairs."""
+    return {"criterion": {"name": "double_margin_contrastive",
+                          "args": {"pos_margin": pos_margin, "neg_margin": 1.2, "squared": True}},
+            "sampler": {"name": "random_pairs", "args": {"pos_per_class": 6, "neg_per_class": 6, "redraw_every": 5}},
+            "miner": None}
+
+
+RETR_D = _retr(0.7)
 TRIPLET = {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
            "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 8, "images_per_class": 4, "batches_per_epoch": None}},
            "miner": None}
 ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches) with the row's differences
     Row("off-the-shelf", None),
     Row("off-the-shelf + free wins", "off-the-shelf", start="off-the-shelf", free_wins=True),
-    Row("retr-s", "off-the-shelf", {"init": "imagenet", **RETR_D, "criterion": {**RETR_D["criterion"], "args": {
-        **RETR_D["criterion"]["args"], "pos_margin": 0.0}}}),
+    Row("retr-s", "off-the-shelf", {"init": "imagenet", **_retr(0.0)}),
     Row("retr-d", "retr-s", {"init": "imagenet", **RETR_D}),
     Row("cls", "off-the-shelf", start="classifier"),
     Row("cls + retr-d", "cls", {"init": "classifier", **RETR_D}),

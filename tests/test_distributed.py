@@ -13,17 +13,20 @@ from tests.conftest import contrastive, random_pairs, tiny_train_val
 pytestmark = pytest.mark.slow
 
 
-def test_two_gloo_workers_end_identical_on_disjoint_shards(tmp_path, ray_local):
+def _job(tmp_path, train_max_side: tuple[int, int], **retrieval) -> RetrievalJob:
+    """2 epochs on 4 tiny train classes, validated on 2 held-out ones, auditing every rank."""
     train, val = tiny_train_val(tmp_path / "images")
-    job = RetrievalJob(
+    return RetrievalJob(
         net=NetSpec("tf_efficientnet_lite0", "gem", 3.0, 64, None, frozen_stages=5),
         optim=Optimisation(epochs=2, batch_size=4, lr=0.05, momentum=0.9, weight_decay=0.0, lr_step_epochs=10,
-                           lr_gamma=0.1, train_max_side=(48, 64), hflip=True, seed=0),
+                           lr_gamma=0.1, train_max_side=train_max_side, hflip=True, seed=0),
         train=LabelledImages([u for u, _ in train], [l for _, l in train]),
         retrieval_val=RetrievalValSet([u for u, _ in val], [l - 4 for _, l in val], [i % 6 < 2 for i in range(len(val))]),
-        criterion=contrastive(0.1, 1.5), sampler=random_pairs(4, 4, 1),
-        audit_dir=str(tmp_path / "audit"),
-    )
+        audit_dir=str(tmp_path / "audit"), **retrieval)
+
+
+def test_two_gloo_workers_end_identical_on_disjoint_shards(tmp_path, ray_local):
+    job = _job(tmp_path, (48, 64), criterion=contrastive(0.1, 1.5), sampler=random_pairs(4, 4, 1))
     out = run_training(train_retrieval, job, name="test-ddp", cluster=Cluster(2, 1, False, str(tmp_path / "ray")),
                        output_dir=tmp_path / "model")
 
@@ -50,17 +53,9 @@ def test_two_gloo_workers_share_the_cached_trunk(tmp_path, ray_local):
     from components.registry import Spec
     from components.training.context import LocalContext
 
-    train, val = tiny_train_val(tmp_path / "images")
-    job = RetrievalJob(
-        net=NetSpec("tf_efficientnet_lite0", "gem", 3.0, 64, None, frozen_stages=5),
-        optim=Optimisation(epochs=2, batch_size=4, lr=0.05, momentum=0.9, weight_decay=0.0, lr_step_epochs=10,
-                           lr_gamma=0.1, train_max_side=(64, 64), hflip=True, seed=0),
-        train=LabelledImages([u for u, _ in train], [l for _, l in train]),
-        retrieval_val=RetrievalValSet([u for u, _ in val], [l - 4 for _, l in val], [i % 6 < 2 for i in range(len(val))]),
-        criterion=Spec("multi_similarity", {"alpha": 2.0, "beta": 50.0, "base": 0.5}),
-        sampler=Spec("class_balanced", {"classes_per_batch": 2, "images_per_class": 3, "batches_per_epoch": 4}),
-        audit_dir=str(tmp_path / "audit"), cache_frozen_trunk=True,
-    )
+    job = _job(tmp_path, (64, 64), criterion=Spec("multi_similarity", {"alpha": 2.0, "beta": 50.0, "base": 0.5}),
+               sampler=Spec("class_balanced", {"classes_per_batch": 2, "images_per_class": 3, "batches_per_epoch": 4}),
+               cache_frozen_trunk=True)
     out = run_training(train_retrieval, job, name="test-ddp-cached", cluster=Cluster(2, 1, False, str(tmp_path / "ray")),
                        output_dir=tmp_path / "model")
     rank0, rank1 = (json.loads((tmp_path / "audit" / f"rank{r}.json").read_text()) for r in (0, 1))

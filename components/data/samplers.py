@@ -118,8 +118,9 @@ class PKBatchSampler(Sampler[list[int]]):
         self.members = {c: np.flatnonzero(self.labels == c) for c in self.classes}
         if batches is not None and batches < 1:
             raise ValueError(f"batches must be >= 1, got {batches}")
-        self.passes = 1 if batches is None else math.ceil(batches / math.ceil(len(self.classes) / self.p))
-        groups = math.ceil(len(self.classes) / self.p) if batches is None else batches
+        per_pass = math.ceil(len(self.classes) / self.p)
+        groups = per_pass if batches is None else batches
+        self.passes = math.ceil(groups / per_pass)
         self.total_batches = math.ceil(groups / num_replicas) * num_replicas
 
     def set_epoch(self, epoch: int) -> None:

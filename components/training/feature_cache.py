@@ -32,8 +32,8 @@ class TrunkCache:
     """Trunk outputs (n, views, C, h, w) of n images; `view(i)` picks one view of image i at random (the mirror with
     probability 1/2 when there are two), from a generator seeded per rank."""
 
-    def __init__(self, maps: torch.Tensor, n_blocks: int, seed: int) -> None:
-        self.maps, self.n_blocks = maps, n_blocks
+    def __init__(self, maps: torch.Tensor, seed: int) -> None:
+        self.maps = maps
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -68,17 +68,17 @@ def _trunk_maps(net: RetrievalNet, uris: Sequence[str], indices: list[int], side
     return torch.cat(out) if out else torch.empty(0)
 
 
-def train_cache(net: RetrievalNet, uris: Sequence[str], side: int, mirrored: bool, batch_size: int,
+def train_cache(net: RetrievalNet, n_blocks: int, uris: Sequence[str], side: int, mirrored: bool, batch_size: int,
                 ctx: WorkerContext, seed: int) -> TrunkCache:
-    """Every train image's trunk at longer side `side` (and its mirror image's), float16, complete on every rank."""
-    n_blocks = net.frozen_trunk()
+    """Every train image's trunk (the stem and `n_blocks` blocks) at longer side `side` (and its mirror image's),
+    float16, complete on every rank."""
     mine = list(range(ctx.rank, len(uris), ctx.world_size))
     parts = gather_objects((mine, _trunk_maps(net, uris, mine, side, mirrored, n_blocks, batch_size, ctx,
                                               torch.float16)))
     maps = torch.empty((len(uris), *parts[0][1].shape[1:]), dtype=torch.float16)
     for positions, part in parts:
         maps[positions] = part
-    cache = TrunkCache(maps, n_blocks, seed + ctx.rank)
+    cache = TrunkCache(maps, seed + ctx.rank)
     log.info("frozen trunk (stem + %d blocks) of %d train images x %d views cached: %s, %.0f MiB", n_blocks,
              len(uris), maps.shape[1], tuple(maps.shape[2:]), cache.nbytes / 2**20)
     return cache
@@ -88,8 +88,8 @@ class ValTrunks:
     """This rank's shard of the val images' trunks at the net's evaluation size (float32, so the val figure matches
     the full forward pass's); `describe` gives every val descriptor on every rank."""
 
-    def __init__(self, net: RetrievalNet, uris: Sequence[str], batch_size: int, ctx: WorkerContext) -> None:
-        self.n_blocks, self.count, self.ctx = net.frozen_trunk(), len(uris), ctx
+    def __init__(self, net: RetrievalNet, n_blocks: int, uris: Sequence[str], batch_size: int, ctx: WorkerContext) -> None:
+        self.n_blocks, self.count, self.ctx = n_blocks, len(uris), ctx
         self.positions = list(range(ctx.rank, len(uris), ctx.world_size))
         self.maps = _trunk_maps(net, uris, self.positions, net.meta["image_size"], False, self.n_blocks, batch_size,
                                 ctx, torch.float32)[:, 0] if self.positions else torch.empty(0)

@@ -40,18 +40,20 @@ def train_retrieval(job: RetrievalJob, ctx: WorkerContext) -> None:
     net = job.net.build()
     num_classes = int(np.max(job.train.labels)) + 1
     criterion = LOSSES.build(job.criterion, num_classes=num_classes, embedding_size=net.meta["dim"])
-    model = _RetrievalModel(net, criterion, net.frozen_trunk() if job.cache_frozen_trunk else None).to(ctx.device)
+    trunk_blocks = net.frozen_trunk() if job.cache_frozen_trunk else None
+    model = _RetrievalModel(net, criterion, trunk_blocks).to(ctx.device)
     initialise_pooling(net, job.train, job.eval_batch_size, job.optim.seed, ctx.device)
     miner = MINERS.build(job.miner) if job.miner else None
     sampler = SAMPLERS.build(job.sampler)
     cache = val_trunks = None
-    if job.cache_frozen_trunk:
+    if trunk_blocks is not None:
         side, high = job.optim.train_max_side
         if side != high or job.optim.rotation_degrees or job.optim.color_jitter:
             raise ValueError("a cached trunk trains at one size with flips only: train_max_side [S, S], no rotation "
                              "or colour jitter")
-        cache = train_cache(net, job.train.uris, side, job.optim.hflip, job.eval_batch_size, ctx, job.optim.seed)
-        val_trunks = ValTrunks(net, job.retrieval_val.uris, job.eval_batch_size, ctx)
+        cache = train_cache(net, trunk_blocks, job.train.uris, side, job.optim.hflip, job.eval_batch_size, ctx,
+                            job.optim.seed)
+        val_trunks = ValTrunks(net, trunk_blocks, job.retrieval_val.uris, job.eval_batch_size, ctx)
     data = TrainingData(job.train, net, job.optim, ctx, job.eval_batch_size, cache)
 
     epoch_stats: dict[str, float] = {}  # what the sampler reports of its last draw (mined positives), logged per epoch
