@@ -22,6 +22,7 @@ from components.evaluation.bootstrap import format_gain
 from components.evaluation.gallery import top_results, write_gallery
 from components.evaluation.metrics import distance_summary, pair_distances
 from components.evaluation.plots import plot_distance_histograms
+from components.models.localise import object_boxes, object_crop_of
 from components.models.net import load_net
 from components.search.embed import embed_images
 from components.search.postprocess import reranking_of
@@ -44,6 +45,7 @@ GAINS = {  # name: (system, compared with)
     "free wins on the fine-tuned": (FULL, "fine-tuned"),
 }
 GALLERY_SYSTEMS = (FULL, "off-the-shelf")  # the gallery's rows per query: the search model next to where it began
+GALLERY_BOX_BATCH = 32  # images per localisation pass for the gallery's object boxes
 
 
 def main(params: Params) -> None:
@@ -98,13 +100,23 @@ def _gallery(queries: pd.DataFrame, db: pd.DataFrame, descriptors: dict[str, tup
     first; return how many queries it shows."""
     systems = {name: top_results(*descriptors[name], queries[LABEL], db[LABEL], reranking_of(nets[name].meta))
                for name in GALLERY_SYSTEMS}
-    return write_gallery(GALLERY, queries[URI].tolist(), queries[LABEL].tolist(), db[URI].tolist(), db[LABEL].tolist(),
-                         systems, title="Firesight test gallery: " + " vs ".join(GALLERY_SYSTEMS))
+    q_uris, d_uris = queries[URI].tolist(), db[URI].tolist()
+    shown = list(dict.fromkeys(q_uris + [d_uris[j] for s in systems.values() for j in s.top.ravel()]))
+    boxes, cropping = {}, next((n for n in GALLERY_SYSTEMS if object_crop_of(nets[n].meta)), None)
+    if cropping is not None:  # the first cropping system's boxes on every image shown
+        net, crop = nets[cropping], object_crop_of(nets[cropping].meta)
+        for start in range(0, len(shown), GALLERY_BOX_BATCH):
+            uris = shown[start:start + GALLERY_BOX_BATCH]
+            boxes.update(zip(uris, object_boxes(net, [load_rgb(u) for u in uris], crop), strict=True))
+    return write_gallery(GALLERY, q_uris, queries[LABEL].tolist(), d_uris, db[LABEL].tolist(), systems,
+                         title="Firesight test gallery: " + " vs ".join(GALLERY_SYSTEMS), boxes=boxes,
+                         boxes_of=cropping or "")
 
 
 def _recipe(meta: dict) -> str:
-    return (f"{meta['image_size']} px, scales {meta.get('scales', [1.0])}, whitening {meta.get('whitening', 'none')}, "
-            f"reranking {reranking_of(meta).describe()}")
+    crop = object_crop_of(meta)
+    return (f"{meta['image_size']} px, scales {meta.get('scales', [1.0])}{f', {crop.describe()}' if crop else ''}, "
+            f"whitening {meta.get('whitening', 'none')}, reranking {reranking_of(meta).describe()}")
 
 
 def _flat(summary: dict) -> dict[str, float]:

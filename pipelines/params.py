@@ -510,9 +510,16 @@ class KReciprocalCandidates(_Section):
     lambda_value: list[Annotated[float, Field(ge=0, le=1)]] = Field(min_length=1)
 
 
+class ObjectCropCandidates(_Section):
+    thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(description="activation fractions of the peak that "
+                                                                  "bound the object (empty: crops are not tried)")
+    margin: float = Field(ge=0, le=1, description="the box grows by this fraction of its size on each side")
+
+
 class PostprocessParams(_Section):
     image_sizes: list[Annotated[int, Field(ge=32, le=MAX_SIDE)]] = Field(description="tried besides model.image_size")
     scale_sets: list[list[Annotated[float, Field(gt=0, le=4)]]] = Field(min_length=1, description="multi-scale descriptor sets")
+    object_crop: ObjectCropCandidates
     whitening: WhiteningCandidates
     dba: AugmentationCandidates
     qe: AugmentationCandidates

@@ -1,4 +1,5 @@
-"""Stage postprocess: the training-free choices (resolution, scales, whitening, DBA, αQE or k-reciprocal), made on
+"""Stage postprocess: the training-free choices (resolution, scales, object crops, whitening, DBA, αQE or
+k-reciprocal), made on
 the val classes for the fine-tuned model and, as the best training-free baseline, for the off-the-shelf one. Writes
 each as a search model: the network with its chosen whitening layer and a `meta` that says how to embed and rank."""
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from components.data.contract import LABEL, URI, Splits
 from components.evaluation.selection import Candidates, Choice, Whitener, choose_recipe
+from components.models.localise import ObjectCrop
 from components.models.net import RetrievalNet, load_net, read_checkpoint, save_checkpoint
 from components.search.embed import embed_images
 from components.search.postprocess import KReciprocal
@@ -41,6 +43,7 @@ def candidates(p: PostprocessParams, image_size: int) -> Candidates:
         qe=tuple((k, a) for k in p.qe.k for a in p.qe.alpha),
         k_reciprocal=tuple(KReciprocal(k1, min(k2, k1), lam) for k1 in p.k_reciprocal.k1
                            for k2 in p.k_reciprocal.k2 for lam in p.k_reciprocal.lambda_value),
+        object_crops=tuple(ObjectCrop(t, p.object_crop.margin) for t in p.object_crop.thresholds),
     )
 
 
@@ -49,12 +52,12 @@ def choose(net: RetrievalNet, name: str, params: Params, splits: Splits) -> Choi
     sets = {"val": splits.val_set(), "train": splits.train_images()}
     cache: dict[tuple, np.ndarray] = {}
 
-    def embed(size: int, scales: tuple[float, ...], which: str) -> np.ndarray:
-        key = (size, scales, which)
+    def embed(size: int, scales: tuple[float, ...], crop: ObjectCrop | None, which: str) -> np.ndarray:
+        key = (size, scales, crop, which)
         if key not in cache:
             _, cache[key] = embed_images(net, sets[which][URI].tolist(), batch_size=params.index.batch_size,
-                                         image_size=size, scales=scales, progress=True,
-                                         desc=f"{name}: {which} at {size} px x{len(scales)}")
+                                         image_size=size, scales=scales, object_crop=crop, progress=True,
+                                         desc=f"{name}: {which} at {size} px x{len(scales)}{' cropped' if crop else ''}")
         return cache[key]
 
     return choose_recipe(embed, sets["val"][LABEL].to_numpy(), sets["train"][LABEL].to_numpy(),
@@ -63,7 +66,7 @@ def choose(net: RetrievalNet, name: str, params: Params, splits: Splits) -> Choi
 
 def save_search_model(net: RetrievalNet, choice: Choice, out_dir: Path) -> None:
     """out_dir/best.pt: `net` with the chosen whitening as its layer and the recipe in its meta (image_size, scales,
-    reranking), so anything that loads it embeds and ranks as chosen; meta.json: that meta; choice.json: every
+    object_crop, reranking), so anything that loads it embeds and ranks as chosen; meta.json: that meta; choice.json: every
     candidate tried."""
     if net.whitening is not None:
         raise ValueError("the network already has a whitening layer: the postprocess stage chooses whitening")
@@ -71,7 +74,7 @@ def save_search_model(net: RetrievalNet, choice: Choice, out_dir: Path) -> None:
         net.set_whitening(*choice.whitening)
     recipe = choice.recipe
     save_checkpoint(out_dir / BEST_MODEL_FILE, net, {
-        "image_size": recipe.image_size, "scales": list(recipe.scales),
+        "image_size": recipe.image_size, "scales": list(recipe.scales), "object_crop": recipe.as_dict()["object_crop"],
         "whitening": recipe.whitener.describe(), "reranking": recipe.as_dict()["reranking"],
     })
     write_json(out_dir / "meta.json", read_checkpoint(out_dir / BEST_MODEL_FILE)["meta"])

@@ -3,6 +3,8 @@ first, results framed by correctness, labels escaped, each image inlined once; a
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -10,6 +12,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from components.evaluation.gallery import SystemResults, top_results, write_gallery
 from components.evaluation.protocol import score_test
@@ -212,3 +215,31 @@ def test_top_results_is_the_evaluation_ranking(reranking):
     np.testing.assert_allclose(res.ap, score_test(q, q_labels, d, d_labels, reranking).per_query["firearm"]["ap"])
     if reranking == Reranking():
         np.testing.assert_allclose(res.scores, np.sort(q @ d.T, axis=1)[:, ::-1][:, :10], rtol=1e-5)
+
+
+def test_object_crops_are_outlined_on_their_thumbnails(case, tmp_path):
+    q_uris, q_labels, d_uris, d_labels, systems = case
+    boxed = q_uris[0]
+    with Image.open(boxed) as im:
+        width, height = im.size
+    box = (width // 4, height // 4, 3 * width // 4, 3 * height // 4)
+    path = tmp_path / "g.html"
+    write_gallery(path, q_uris, q_labels, d_uris, d_labels, systems, boxes={boxed: box}, boxes_of="full pipeline")
+    text = path.read_text(encoding="utf-8")
+    root = parse(text)
+    css = "".join(n.all_text() for n in root.find_all(lambda n: n.tag == "style"))
+    thumbs = dict(re.findall(r"\.(i\d+)\{background-image:url\(data:image/jpeg;base64,([A-Za-z0-9+/=]+)\)\}", css))
+    by_uri = {t.attrs["title"].rsplit(" — ", 1)[1]: next(c for c in t.classes() if re.fullmatch(r"i\d+", c))
+              for t in root.with_class("thumb")}
+
+    def yellow(uri: str) -> float:
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbs[by_uri[uri]]))).convert("RGB"), dtype=int)
+        r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+        return float(np.mean((r > 200) & (g > 150) & (b < 90)))
+
+    assert yellow(boxed) > 0.02  # the outline survives the shrinking
+    assert all(yellow(u) < yellow(boxed) / 4 for u in by_uri if u != boxed)
+    assert "object crops full pipeline describes" in " ".join(n.all_text() for n in root.with_class("crops"))
+    plain = tmp_path / "plain.html"
+    write_gallery(plain, q_uris, q_labels, d_uris, d_labels, systems)
+    assert not parse(plain.read_text(encoding="utf-8")).with_class("crops")

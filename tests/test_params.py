@@ -102,6 +102,7 @@ def test_a_duplicate_key_is_an_error_naming_it(tmp_path):
     ("retrieval", "train_max_side", "[128, 100000]", "train_max_side must be [low, high] with 32 <= low <= high <= 4096"),
     ("evaluate", "cmc_ranks", "[]", "evaluate.cmc_ranks: List should have at least 1 item"),
     ("ingest", "seed", "-1", "ingest.seed: Input should be greater than or equal to 0"),
+    ("postprocess", "object_crop", "{thresholds: [0], margin: 0.1}", "postprocess.object_crop.thresholds.0: Input should be greater than 0"),
 ])
 def test_bad_values_are_refused_naming_the_key(tmp_path, section, key, value, message):
     with pytest.raises(ParamsError) as caught:

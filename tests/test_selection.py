@@ -5,6 +5,7 @@ import pytest
 
 from components.evaluation.protocol import leave_one_out_map
 from components.evaluation.selection import Candidates, Whitener, choose_recipe, whiten
+from components.models.localise import ObjectCrop
 from components.search.postprocess import KReciprocal, Reranking
 from pipelines.params import load_params
 from pipelines.postprocess import candidates
@@ -24,12 +25,13 @@ NONE = Candidates(image_sizes=(160,), scale_sets=((1.0,),), whiteners=(Whitener(
                   k_reciprocal=())
 
 
-def _embedder(noise_by_size: dict[int, float], calls: list):
-    def embed(size, scales, which):
-        calls.append((size, scales, which))
+def _embedder(noise_by_size: dict[int, float], calls: list, noise_by_crop: dict | None = None):
+    def embed(size, scales, crop, which):
+        calls.append((size, scales, crop, which))
         if which == "train":
             return TRAIN
-        return _clusters(6, 8, noise_by_size[size], 0)[0]  # the same centres: only the noise differs by size
+        noise = noise_by_size[size] if crop is None else noise_by_crop[crop]
+        return _clusters(6, 8, noise, 0)[0]  # the same centres: only the noise differs by size or crop
     return embed
 
 
@@ -61,7 +63,7 @@ def test_whitening_is_fit_on_train_descriptors_and_scored_on_val():
     choice = choose_recipe(_embedder({160: 1.5}, calls), VAL_LABELS, TRAIN_LABELS,
                            Candidates(**{**NONE.__dict__, "whiteners": (Whitener(), Whitener("center"),
                                                                         Whitener("pca", None, 0.5))}))
-    assert (160, (1.0,), "train") in calls
+    assert (160, (1.0,), None, "train") in calls
     scored = {t["option"]: t["val_map"] for t in choice.trials if t["step"] == "whitening"}
     assert set(scored) == {"center", "pca (dim all, shrinkage 0.5)"}
     fitted = Whitener("pca", None, 0.5).fit(TRAIN, TRAIN_LABELS)
@@ -80,3 +82,23 @@ def test_params_candidates_start_from_the_model_resolution_and_include_none():
     assert c.whiteners[0] == Whitener("none")
     assert {w.kind for w in c.whiteners} == {"none", *params.postprocess.whitening.kinds}
     assert (0, params.postprocess.dba.alpha[0]) in c.dba
+
+
+@pytest.mark.parametrize("crop_noise, chosen", [(0.5, ObjectCrop(0.2, 0.1)), (3.0, None)])
+def test_an_object_crop_is_kept_only_when_it_beats_the_uncropped_descriptors_on_val(crop_noise, chosen):
+    calls = []
+    crop = ObjectCrop(0.2, 0.1)
+    choice = choose_recipe(_embedder({160: 1.5}, calls, {crop: crop_noise}), VAL_LABELS, TRAIN_LABELS,
+                           Candidates(**{**NONE.__dict__, "whiteners": (Whitener(), Whitener("center")),
+                                         "object_crops": (crop,)}))
+    assert [t["step"] for t in choice.trials][:2] == ["resolution", "object crop"]
+    assert choice.recipe.object_crop == chosen
+    assert (160, (1.0,), chosen, "train") in calls  # whitening is fit on descriptors made the chosen way
+    assert ("object crop (threshold 0.2, margin 0.1)" in choice.recipe.describe()) == (chosen is not None)
+
+
+def test_params_object_crop_candidates_carry_the_margin():
+    params = load_params("params.yaml")
+    c = candidates(params.postprocess, params.model.image_size)
+    assert [(crop.threshold, crop.margin) for crop in c.object_crops] == [
+        (t, params.postprocess.object_crop.margin) for t in params.postprocess.object_crop.thresholds]

@@ -14,6 +14,7 @@ from PIL import Image
 DIGEST_KEY = "weights_sha256"
 # the meta fields that, with the weights, decide a descriptor: the same weights at another resolution are another space
 _DESCRIPTOR_META = ("arch", "pooling", "gem_p", "image_size", "scales", "mean", "std", "whitening_dim")
+_DESCRIPTOR_META_IF_SET = ("pooling_args", "object_crop")  # hashed only when set: older digests stay what they were
 
 
 class Describer(Protocol):
@@ -31,8 +32,7 @@ def model_digest(net) -> str:
 
     h = hashlib.sha256()
     described = {k: net.meta.get(k) for k in _DESCRIPTOR_META}
-    if net.meta.get("pooling_args"):  # only when set: the digests of nets without pooling args stay what they were
-        described["pooling_args"] = net.meta["pooling_args"]
+    described.update({k: net.meta[k] for k in _DESCRIPTOR_META_IF_SET if net.meta.get(k)})
     h.update(json.dumps(described, sort_keys=True).encode())
     for name, tensor in sorted(net.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -46,18 +46,22 @@ class TorchDescriber:
 
     def __init__(self, net, batch_size: int = 16) -> None:
         from components.data.transforms import BatchTransform
+        from components.models.localise import object_crop_of
 
         self.net = net.eval()
         self.meta = {**net.meta, DIGEST_KEY: model_digest(net)}
         self.batch_size = batch_size
         self._transforms = BatchTransform.for_scales(net.meta)
+        self._crop = object_crop_of(net.meta)
 
     def describe(self, images: list[Image.Image]) -> np.ndarray:
         import torch
 
+        from components.models.localise import cropped
+
         out = [np.zeros((0, self.meta["dim"]), dtype=np.float32)]
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                batch = [(im,) for im in images[start:start + self.batch_size]]
+                batch = [(im,) for im in cropped(self.net, images[start:start + self.batch_size], self._crop)]
                 out.append(self.net.describe([t(batch)[0] for t in self._transforms]).float().numpy())
         return np.concatenate(out).astype(np.float32)

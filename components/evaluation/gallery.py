@@ -4,7 +4,9 @@
 ties by database index, AP from `per_query_scores`); `write_gallery` takes plain arrays only — per system the top-k
 database indices, their scores and every query's AP — so it needs no model. The page is one file: every distinct
 image is shrunk to a thumbnail, JPEG-encoded once and inlined as a base64 data URI in a CSS class that every
-thumbnail of that image uses, so the file references nothing outside itself and stays small.
+thumbnail of that image uses, so the file references nothing outside itself and stays small. A model that crops
+each image to its object before describing it (components.models.localise) has its boxes drawn on the thumbnails,
+so a person can check what was described.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from PIL import ImageDraw
 
 from components.data.images import load_rgb
 from components.evaluation.metrics import per_query_scores, relevance_from_similarity
@@ -28,6 +31,8 @@ from components.storage import atomic_write_path
 TOP_K = 10
 THUMB_SIDE = 96  # a thumbnail's longer side, in pixels
 JPEG_QUALITY = 80
+BOX_COLOUR = (255, 200, 0)
+Box = tuple[int, int, int, int]  # left, top, right, bottom pixels of the original image
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,14 @@ def top_results(query_desc: npt.ArrayLike, db_desc: npt.ArrayLike, query_labels:
 
 def write_gallery(path: Path | str, query_uris: Sequence[str], query_labels: Sequence, db_uris: Sequence[str],
                   db_labels: Sequence, systems: Mapping[str, SystemResults], *, title: str = "Firesight test gallery",
-                  generated: datetime | None = None, side: int = THUMB_SIDE) -> int:
+                  generated: datetime | None = None, side: int = THUMB_SIDE,
+                  boxes: Mapping[str, Box] | None = None, boxes_of: str = "") -> int:
     """Write the gallery to `path`; return the number of queries shown.
 
     Every query, worst AP first (the first system's AP, ties by query order), with one row per system (in `systems`'
     order): the query's AP and its top results, each framed green (class "correct": same label as the query) or red
     (class "wrong") with its score and label. The header gives each system's mAP (the mean of its APs) and the date.
+    `boxes`: an object box per image uri, outlined on its thumbnail; `boxes_of` names the system whose crops they are.
     """
     q_uris, q_labels = [str(u) for u in query_uris], [str(x) for x in query_labels]
     d_uris, d_labels = [str(u) for u in db_uris], [str(x) for x in db_labels]
@@ -95,12 +102,15 @@ def write_gallery(path: Path | str, query_uris: Sequence[str], query_labels: Seq
                     f'<figcaption><span class="label">{html.escape(q_label)}</span></figcaption></figure>'
                     f'<div class="rows">{"".join(rows)}</div></section>')
 
-    css = "\n".join(f".i{cls}{{background-image:url(data:image/jpeg;base64,{_thumbnail(uri, side)})}}"
+    boxes = boxes or {}
+    css = "\n".join(f".i{cls}{{background-image:url(data:image/jpeg;base64,{_thumbnail(uri, side, boxes.get(uri))})}}"
                     for uri, cls in thumbs.items())
+    crops = (f'<p class="crops"><span class="box">Yellow boxes</span>: the object crops {html.escape(boxes_of)} '
+             f'describes.</p>' if boxes else "")
     summary = "".join(f'<li data-system="{html.escape(name)}"><b>{html.escape(name)}</b>: mAP '
                       f'<span class="map">{float(np.mean(s.ap)):.4f}</span></li>' for name, s in systems.items())
     page = _PAGE.format(
-        title=html.escape(title), side=side, css=css, summary=summary, body="\n".join(body),
+        title=html.escape(title), side=side, css=css, summary=summary, crops=crops, body="\n".join(body),
         date=html.escape(generated.strftime("%Y-%m-%d %H:%M %Z").strip()), queries=n, database=len(d_uris),
         k=first.top.shape[1])
     with atomic_write_path(path) as tmp:
@@ -128,9 +138,12 @@ def _check(q_uris: list[str], q_labels: list[str], d_uris: list[str], d_labels: 
     return n
 
 
-def _thumbnail(uri: str, side: int) -> str:
-    """The image at `uri`, its longer side shrunk to `side`, as base64 JPEG."""
+def _thumbnail(uri: str, side: int, box: Box | None = None) -> str:
+    """The image at `uri`, `box` outlined on it (thick enough to survive the shrinking), its longer side shrunk to
+    `side`, as base64 JPEG."""
     im = load_rgb(uri)
+    if box is not None:
+        ImageDraw.Draw(im).rectangle(box, outline=BOX_COLOUR, width=max(2, round(2 * max(im.size) / side)))
     im.thumbnail((side, side))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=True)
@@ -154,7 +167,7 @@ figcaption span{{display:block;overflow:hidden;text-overflow:ellipsis;white-spac
 .probe .thumb{{border:4px solid #36c}}
 .correct .thumb{{border:4px solid #2a2}}
 .wrong .thumb{{border:4px solid #d22}}
-.legend .c{{color:#2a2}} .legend .w{{color:#d22}}
+.legend .c{{color:#2a2}} .legend .w{{color:#d22}} .crops .box{{color:#b80}}
 {css}
 </style>
 </head>
@@ -166,6 +179,7 @@ images; the top {k} per system, worst query (first system's AP) first.
 <span class="legend"><span class="c">green</span>: same class as the query;
 <span class="w">red</span>: another class.</span></p>
 <ul class="systems">{summary}</ul>
+{crops}
 </header>
 <main>
 {body}

@@ -1,7 +1,7 @@
-"""Training-free search choices made on the val classes only: resolution and scales, whitening, DBA, αQE or
-k-reciprocal re-ranking — one step after the other, each step keeping its best candidate by leave-one-out val mAP.
+"""Training-free search choices made on the val classes only: resolution and scales, object crops, whitening, DBA,
+αQE or k-reciprocal re-ranking — one step after the other, each step keeping its best candidate by leave-one-out val mAP.
 
-Every step has "leave it as it is" among its candidates (no whitening, k = 0, the current reranking), so the chosen
+Every step has "leave it as it is" among its candidates (no crop, no whitening, k = 0, the current reranking), so the chosen
 recipe can never score below its starting point on val.
 """
 
@@ -15,13 +15,15 @@ import numpy as np
 import numpy.typing as npt
 
 from components.evaluation.protocol import leave_one_out_map
+from components.models.localise import ObjectCrop
 from components.models.whitening import fit_centering, fit_learned_whitening, fit_pca_whitening
 from components.search.postprocess import KReciprocal, Reranking
 
 log = logging.getLogger(__name__)
 
 WHITENINGS = ("none", "center", "pca", "learned")
-Embed = Callable[[int, tuple[float, ...], str], npt.NDArray[np.float32]]  # (image size, scales, which set) -> descriptors
+# (image size, scales, object crop or None, which set) -> descriptors
+Embed = Callable[[int, tuple[float, ...], ObjectCrop | None, str], npt.NDArray[np.float32]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Candidates:
     dba: tuple[tuple[int, float], ...]  # (k, α)
     qe: tuple[tuple[int, float], ...]
     k_reciprocal: tuple[KReciprocal, ...]  # tried in place of DBA and αQE
+    object_crops: tuple[ObjectCrop, ...] = ()  # tried after the resolution (none is always the first candidate)
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,13 @@ class Recipe:
 
     image_size: int
     scales: tuple[float, ...]
+    object_crop: ObjectCrop | None = None
     whitener: Whitener = Whitener()
     reranking: Reranking = Reranking()
 
     def describe(self) -> str:
-        return (f"{self.image_size} px, scales {list(self.scales)}, whitening {self.whitener.describe()}, "
+        crop = f", {self.object_crop.describe()}" if self.object_crop else ""
+        return (f"{self.image_size} px, scales {list(self.scales)}{crop}, whitening {self.whitener.describe()}, "
                 f"reranking {self.reranking.describe()}")
 
     def as_dict(self) -> dict:
@@ -107,10 +112,10 @@ class Choice:
 
 
 def choose_recipe(embed: Embed, val_labels: Sequence, train_labels: Sequence, candidates: Candidates) -> Choice:
-    """Choose, on val only: (image size, scales), then whitening (fit on the train set's descriptors at that
-    resolution), then DBA, then αQE, then k-reciprocal re-ranking in place of both — the reranking steps from no
-    whitening and from the best whitening alike, the better end kept. `embed(size, scales, "val" | "train")` returns
-    the un-whitened descriptors of that set. A step replaces the current choice only when it scores strictly higher,
+    """Choose, on val only: (image size, scales), then an object crop, then whitening (fit on the train set's
+    descriptors made that way), then DBA, then αQE, then k-reciprocal re-ranking in place of both — the reranking
+    steps from no whitening and from the best whitening alike, the better end kept. `embed(size, scales, crop,
+    "val" | "train")` returns the un-whitened descriptors of that set. A step replaces the current choice only when it scores strictly higher,
     so ties keep the simpler option tried first."""
     trials: list[dict] = []
 
@@ -123,16 +128,21 @@ def choose_recipe(embed: Embed, val_labels: Sequence, train_labels: Sequence, ca
     best, best_map, val = None, -1.0, None
     for size in candidates.image_sizes:
         for scales in candidates.scale_sets:
-            desc = embed(size, scales, "val")
+            desc = embed(size, scales, None, "val")
             score = tried("resolution", f"{size} px, scales {list(scales)}", leave_one_out_map(desc, val_labels, Reranking()))
             if score > best_map:
                 best, best_map, val = Recipe(size, tuple(scales)), score, desc
     assert best is not None and val is not None
+    for crop in candidates.object_crops:
+        desc = embed(best.image_size, best.scales, crop, "val")
+        score = tried("object crop", crop.describe(), leave_one_out_map(desc, val_labels, Reranking()))
+        if score > best_map:
+            best, best_map, val = replace(best, object_crop=crop), score, desc
 
     # whitening: the best one found goes on to the reranking steps beside "none" (reranking may favour either)
     branches = [(best, best_map, None, val)]
     if any(w.kind != "none" for w in candidates.whiteners):
-        train = embed(best.image_size, best.scales, "train")
+        train = embed(best.image_size, best.scales, best.object_crop, "train")
         top = None
         for whitener in candidates.whiteners:
             if whitener.kind == "none":

@@ -49,8 +49,13 @@ def scale_sides(meta: dict[str, Any]) -> list[int]:
 
 def export_onnx(net: RetrievalNet, path: Path, *, opset: int = 18) -> None:
     """Write `net`'s descriptor (all of meta["scales"], whitening included) to `path` as ONNX, atomically, with its
-    meta in the metadata. Check the file with `check_parity` before shipping it."""
+    meta in the metadata. Check the file with `check_parity` before shipping it. A net whose meta crops objects
+    first (`object_crop`) is refused: its crop is a second pass outside one graph."""
     import torch
+
+    if net.meta.get("object_crop"):
+        raise ExportError("this model crops each image to its object before describing it (meta object_crop), which "
+                          "the ONNX descriptor cannot do: search it with the torch engine")
 
     sides = scale_sides(net.meta)
     names = [f"images_{i}" for i in range(len(sides))]

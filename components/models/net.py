@@ -29,8 +29,8 @@ class RetrievalNet(nn.Module):
     image_size, mean, std, whitening_dim (None: no whitening layer) and dim, the descriptor size (whitening_dim if
     set, else the pooling's output size `pooled_dim`: the backbone's channel count for MAC/SPoC/GeM/R-MAC). A
     multi-level pooling (multi_level) pools the maps of several backbone stages (`features`). A search
-    model's meta (the postprocess stage's) adds scales (multi-scale descriptors at round(s · image_size)) and
-    reranking.
+    model's meta (the postprocess stage's) adds scales (multi-scale descriptors at round(s · image_size)),
+    object_crop (images cropped to their activation box first: components.models.localise) and reranking.
     """
 
     def __init__(self, meta: dict[str, Any], weights: str | None = None) -> None:

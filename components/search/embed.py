@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from components.data.datasets import ImageDataset
 from components.data.transforms import BatchTransform
+from components.models.localise import ObjectCrop, cropped, object_crop_of
 from components.models.net import RetrievalNet
 
 
@@ -25,6 +26,7 @@ def embed_images(
     scales: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
     indices: Sequence[int] | None = None,
+    object_crop: ObjectCrop | None = None,
     progress: bool = False,
     desc: str = "embedding",
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -33,8 +35,11 @@ def embed_images(
     Multi-scale: with S = image_size (default: the net's), each image is embedded at longer side round(s·S) for
     every s in `scales` and d = L2(Σ_s d_s), then the net's whitening (`RetrievalNet.describe`;
     cnnimageretrieval-pytorch averages: the same after L2). scales None: the net's meta["scales"], else (1.0,).
+    Object crops (components.models.localise): `object_crop`, else the net's meta["object_crop"], crops each image
+    to its activation box (found at S) before it is described.
     """
     transforms = BatchTransform.for_scales(net.meta, image_size, scales)
+    crop = object_crop or object_crop_of(net.meta)
     dataset = ImageDataset(uris, [0] * len(uris))
     if indices is not None:
         dataset = Subset(dataset, list(indices))
@@ -43,7 +48,8 @@ def embed_images(
     net.eval()
     out_idx, out_desc = [], []
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        d = net.describe([transform(batch)[0].to(device) for transform in transforms])
+        images = [(im,) for im in cropped(net, [item[0] for item in batch], crop, image_size, device)]
+        d = net.describe([transform(images)[0].to(device) for transform in transforms])
         out_desc.append(d.float().cpu().numpy())
         out_idx.append(np.array([item[2] for item in batch], dtype=np.int64))
     net.train(was_training)
