@@ -4,8 +4,11 @@
 
 Rows: off-the-shelf ImageNet (and with its training-free choices); retr-s (single margin, from ImageNet); retr-d
 (double margin, from ImageNet); cls; cls + retr-d; cls + triplet; cls + MS (the retrieval params: multi-similarity
-on P×K batches); MS alone (from ImageNet); cls + MS with its training-free choices (the full pipeline). Each
-trained row is a Ray Train job with the `retrieval` params of params.yaml (only the row's own differences applied);
+on P×K batches); MS alone (from ImageNet); cls + MS with its training-free choices (the full pipeline); and the
+issue-16 pieces: MS from ImageNet with each other pooling (NetVLAD, GeM + second order, MOP, multi-level fusion:
+a checkpoint keeps its pooling, so these cannot start from the GeM classifier), and from the classifier the coupled
+clusters loss and the double margin with mined positives. Each trained row is a Ray Train job with the `retrieval`
+params of params.yaml (only the row's own differences applied, and its `model` ones for a pooling row);
 each row is scored on both test protocols with class-bootstrap CIs and compared with its parent row by a paired CI.
 Writes docs/ablation.md and docs/ablation.json, and one MLflow run per row nested under an `ablation` run.
 """
@@ -44,6 +47,7 @@ class Row:
     name: str
     parent: str | None  # the row it is compared with (a paired CI of the difference); None for the first
     train: dict | None = None  # retrieval-params overrides of a trained row (`with_overrides`); None: no training
+    model: dict | None = None  # model-params overrides (another pooling) of a trained row
     start: str = "imagenet"  # imagenet | classifier | <name of an earlier row> (no training, post-processing only)
     free_wins: bool = False  # the postprocess stage's training-free choices, made on val for this row's network
 
@@ -60,6 +64,15 @@ RETR_D = _retr(0.7)
 TRIPLET = {"criterion": {"name": "batch_hard_triplet", "args": {"margin": 0.1}},
            "sampler": {"name": "class_balanced", "args": {"classes_per_batch": 8, "images_per_class": 4, "batches_per_epoch": None}},
            "miner": None}
+POOLINGS = {  # issue 16's heads, as docs/ablation.md screened them off the shelf
+    "NetVLAD": {"name": "netvlad", "args": {"clusters": 16, "reduction_dim": 128, "alpha": 100.0}},
+    "GeM + second order": {"name": "gem_second_order", "args": {"reduction_dim": 64, "iterations": 5, "centred": True}},
+    "MOP": {"name": "mop", "args": {"levels": [1, 2, 3], "region_pooling": "gem"}},
+    "multi-level": {"name": "multi_level", "args": {"stages": [2, 4], "channels": 512, "pooling": "gem"}},
+}
+COUPLED_CLUSTERS = {"criterion": {"name": "coupled_clusters", "args": {"margin": 0.5}}, "miner": None}
+MINED_POSITIVES = {**RETR_D, "sampler": {"name": "mined_positive_pairs", "args": {
+    "pos_per_class": 6, "neg_per_class": 6, "redraw_every": 5, "clusters": 40, "threshold": 0.8, "max_mined_per_class": 6}}}
 ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches) with the row's differences
     Row("off-the-shelf", None),
     Row("off-the-shelf + free wins", "off-the-shelf", start="off-the-shelf", free_wins=True),
@@ -71,7 +84,18 @@ ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches
     Row("cls + MS", "cls", {"init": "classifier"}),
     Row("MS", "off-the-shelf", {"init": "imagenet"}),
     Row("cls + MS + free wins", "cls + MS", start="cls + MS", free_wins=True),
+    *(Row(f"MS, {name}", "MS", {"init": "imagenet",  # multi-level reads maps inside the trunk: nothing to cache
+                                **({"cache_frozen_trunk": False} if pooling["name"] == "multi_level" else {})},
+          model={"pooling": pooling}) for name, pooling in POOLINGS.items()),
+    Row("cls + coupled clusters", "cls + MS", {"init": "classifier", **COUPLED_CLUSTERS}),
+    Row("cls + retr-d + mined positives", "cls + retr-d", {"init": "classifier", **MINED_POSITIVES}),
 ]
+
+
+def row_params(params: Params, row: Row) -> Params:
+    """The params a trained row runs with: its model and retrieval overrides applied, validated together (with the
+    margin search off: a row trains its own params, and the search space is params.retrieval's)."""
+    return with_overrides(params, {"model": row.model or {}, "retrieval": row.train or {}, "tune": {"search": "off"}})
 
 
 def selected(names: list[str] | None) -> list[Row]:
@@ -108,10 +132,11 @@ def run(params: Params, output: Path, rows: list[Row] = ROWS) -> list[dict]:
                 model_dir = workdir / f"row{len(results)}"
                 selection: dict = {}
                 if row.train is not None:
-                    p = with_overrides(params.retrieval, row.train)
-                    tracking.mlflow.log_params({f"retrieval.{k}": json.dumps(v) for k, v in row.train.items()})
-                    history, best = train_logged(train_retrieval, retrieval_job(params, p, splits, starting_nets(params)),
-                                                 "ablation", params, model_dir, select="val_map")
+                    own = row_params(params, row)
+                    tracking.mlflow.log_params({f"{section}.{k}": json.dumps(v) for section in ("model", "retrieval")
+                                                for k, v in ((row.model if section == "model" else row.train) or {}).items()})
+                    history, best = train_logged(train_retrieval, retrieval_job(own, own.retrieval, splits, starting_nets(own)),
+                                                 "ablation", own, model_dir, select="val_map")
                     selection = {"best_epoch": int(best["epoch"]), "val_map_start": history[0]["val_map"],
                                  "val_map_last": history[-1]["val_map"], "val_map_best": best["val_map"]}
                 net = load_net(model_dir / BEST_MODEL_FILE) if row.train is not None else _start(row, params, splits, models)

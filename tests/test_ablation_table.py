@@ -1,13 +1,15 @@
 import pytest
 
 from components.errors import FiresightError
-from pipelines.ablation import ROWS, markdown_table, selected
+from pipelines.ablation import ROWS, markdown_table, row_params, selected
 from pipelines.params import load_params, with_overrides
 
 
 def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
     assert [r.name for r in ROWS] == ["off-the-shelf", "off-the-shelf + free wins", "retr-s", "retr-d", "cls",
-                                      "cls + retr-d", "cls + triplet", "cls + MS", "MS", "cls + MS + free wins"]
+                                      "cls + retr-d", "cls + triplet", "cls + MS", "MS", "cls + MS + free wins",
+                                      "MS, NetVLAD", "MS, GeM + second order", "MS, MOP", "MS, multi-level",
+                                      "cls + coupled clusters", "cls + retr-d + mined positives"]
     seen = set()
     for row in ROWS:
         assert row.parent is None if not seen else row.parent in seen  # compared with a row already scored
@@ -20,6 +22,21 @@ def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
     assert rows["cls + MS"].criterion == retrieval.criterion and rows["cls + MS"].init == "classifier"
     assert rows["MS"].criterion == retrieval.criterion and rows["MS"].init == "imagenet"
     assert rows["cls + triplet"].criterion.name == "batch_hard_triplet" and rows["cls + triplet"].sampler.name == "class_balanced"
+
+
+def test_the_issue_16_rows_change_only_their_piece_and_pass_validation():
+    params = load_params("params.yaml")
+    rows = {r.name: row_params(params, r) for r in ROWS if r.train is not None}  # each validates as whole params
+    for name, pooling in (("MS, NetVLAD", "netvlad"), ("MS, GeM + second order", "gem_second_order"),
+                          ("MS, MOP", "mop"), ("MS, multi-level", "multi_level")):
+        assert rows[name].model.pooling_spec().name == pooling and rows[name].retrieval.init == "imagenet"
+        assert rows[name].retrieval.criterion == params.retrieval.criterion  # the MS row's loss, another head
+        assert rows[name].retrieval.cache_frozen_trunk == (pooling != "multi_level")
+    assert rows["MS"].model == params.model
+    assert rows["cls + coupled clusters"].retrieval.criterion.name == "coupled_clusters"
+    assert rows["cls + coupled clusters"].retrieval.sampler == params.retrieval.sampler
+    mined = rows["cls + retr-d + mined positives"].retrieval
+    assert mined.sampler.name == "mined_positive_pairs" and mined.criterion == rows["cls + retr-d"].retrieval.criterion
 
 
 def _summary(value: float) -> dict:
