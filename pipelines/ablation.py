@@ -133,8 +133,8 @@ def run(params: Params, output: Path, rows: list[Row] = ROWS) -> list[dict]:
                 selection: dict = {}
                 if row.train is not None:
                     own = row_params(params, row)
-                    tracking.mlflow.log_params({f"{section}.{k}": json.dumps(v) for section in ("model", "retrieval")
-                                                for k, v in ((row.model if section == "model" else row.train) or {}).items()})
+                    tracking.mlflow.log_params({f"{section}.{k}": json.dumps(v) for section, changes in
+                                                (("model", row.model or {}), ("retrieval", row.train)) for k, v in changes.items()})
                     history, best = train_logged(train_retrieval, retrieval_job(own, own.retrieval, splits, starting_nets(own)),
                                                  "ablation", own, model_dir, select="val_map")
                     selection = {"best_epoch": int(best["epoch"]), "val_map_start": history[0]["val_map"],

@@ -102,12 +102,12 @@ def _gallery(queries: pd.DataFrame, db: pd.DataFrame, descriptors: dict[str, tup
                for name in GALLERY_SYSTEMS}
     q_uris, d_uris = queries[URI].tolist(), db[URI].tolist()
     shown = list(dict.fromkeys(q_uris + [d_uris[j] for s in systems.values() for j in s.top.ravel()]))
-    boxes, cropping = {}, next((n for n in GALLERY_SYSTEMS if object_crop_of(nets[n].meta)), None)
-    if cropping is not None:  # the first cropping system's boxes on every image shown
-        net, crop = nets[cropping], object_crop_of(nets[cropping].meta)
-        for start in range(0, len(shown), GALLERY_BOX_BATCH):
-            uris = shown[start:start + GALLERY_BOX_BATCH]
-            boxes.update(zip(uris, object_boxes(net, [load_rgb(u) for u in uris], crop), strict=True))
+    crops = {n: object_crop_of(nets[n].meta) for n in GALLERY_SYSTEMS}
+    cropping = next((n for n, crop in crops.items() if crop), None)
+    boxes = {}
+    for start in range(0, len(shown) if cropping else 0, GALLERY_BOX_BATCH):  # the first cropping system's boxes
+        uris = shown[start:start + GALLERY_BOX_BATCH]
+        boxes.update(zip(uris, object_boxes(nets[cropping], [load_rgb(u) for u in uris], crops[cropping]), strict=True))
     return write_gallery(GALLERY, q_uris, queries[LABEL].tolist(), d_uris, db[LABEL].tolist(), systems,
                          title="Firesight test gallery: " + " vs ".join(GALLERY_SYSTEMS), boxes=boxes,
                          boxes_of=cropping or "")

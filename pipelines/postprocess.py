@@ -72,10 +72,10 @@ def save_search_model(net: RetrievalNet, choice: Choice, out_dir: Path) -> None:
         raise ValueError("the network already has a whitening layer: the postprocess stage chooses whitening")
     if choice.whitening is not None:
         net.set_whitening(*choice.whitening)
-    recipe = choice.recipe
+    recipe, chosen = choice.recipe, choice.recipe.as_dict()
     save_checkpoint(out_dir / BEST_MODEL_FILE, net, {
-        "image_size": recipe.image_size, "scales": list(recipe.scales), "object_crop": recipe.as_dict()["object_crop"],
-        "whitening": recipe.whitener.describe(), "reranking": recipe.as_dict()["reranking"],
+        "image_size": recipe.image_size, "scales": list(recipe.scales), "object_crop": chosen["object_crop"],
+        "whitening": recipe.whitener.describe(), "reranking": chosen["reranking"],
     })
     write_json(out_dir / "meta.json", read_checkpoint(out_dir / BEST_MODEL_FILE)["meta"])
     write_json(out_dir / POSTPROCESS_CHOICE, {"recipe": recipe.as_dict(), "described": recipe.describe(),
