@@ -157,12 +157,16 @@ def run(params: Params, output: Path, rows: list[Row] = ROWS) -> list[dict]:
             log.info("%s: leave-one-out mAP %.4f [%.4f, %.4f]%s (%.0f s)", row.name, loo["value"], loo["lo"], loo["hi"],
                      f", vs {row.parent} {format_gain(gain['leave_one_out']['map'])}" if gain else "",
                      timing["wall_seconds"])
+            _write(output, results, params)  # after every row: a run stopped late keeps the rows it finished
         shutil.rmtree(workdir, ignore_errors=True)
-        write_json(output.with_suffix(".json"), results)
-        with atomic_write_path(output) as tmp:
-            tmp.write_text(markdown_table(results, params))
         tracking.mlflow.log_artifact(str(output))
     return results
+
+
+def _write(output: Path, results: list[dict], params: Params) -> None:
+    write_json(output.with_suffix(".json"), results)
+    with atomic_write_path(output) as tmp:
+        tmp.write_text(markdown_table(results, params))
 
 
 def _start(row: Row, params: Params, splits: Splits, models: dict[str, Path]) -> RetrievalNet:
