@@ -171,5 +171,21 @@ def _gain_per_minute(fine_tuned: float | None, start: float | None, seconds: flo
     return round((fine_tuned - start) / (seconds / 60), 4) if fine_tuned is not None and start is not None and seconds else None
 
 
+def _shards(s: dict) -> str:
+    parts = [f"Shards of {s['shard_mib']} MiB on disk, memory-mapped; the synthetic model fitted to {s['real']['images']:,} "
+             f"real {s['real']['dim']}-d descriptors of {s['real']['source']}."]
+    for db in s["databases"]:
+        parts += [
+            f"### {db['n']:,} descriptors × {db['dim']} dims in {db['shards']} shards, {db['queries']:,} queries "
+            f"(exact top-{10} by a shard-wise flat search: {db['exact_search']['wall_seconds']:.0f} s)",
+            table(["index", "train sample", "build (s)", "builder's peak heap growth (MiB)", "index size (MiB)", "load avg"],
+                  [(k["factory"], k["train_sample"], k["build"]["wall_seconds"], k["build"]["peak_anonymous_mib_growth"],
+                    k["index_mib"], _load(k["build"])) for k in db["kinds"]]),
+            table(["index", "nprobe", "queries/s (batch)", "recall@10"],
+                  [(k["factory"], p["nprobe"], p["queries_per_s"], p["recall_at_10"]) for k in db["kinds"] for p in k["sweep"]]),
+        ]
+    return "\n\n".join(parts)
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {"extract": _extract, "train": _train, "ray": _ray, "search": _search,
-                                                "pipeline": _pipeline, "accuracy": _accuracy}
+                                                "shards": _shards, "pipeline": _pipeline, "accuracy": _accuracy}

@@ -1,7 +1,7 @@
 """Stage index: embed the test database with the search model (models/search: its resolution, scales and
 whitening) and write the living index `firesight` searches and grows (components/catalog/store.py): descriptors,
 entries with stable ids, and a faiss index of them after the chosen database-side augmentation (exact by default,
-`index.kind` for HNSW or IVF-PQ)."""
+`index.kind` for HNSW, IVF-Flat, IVF-PQ, or auto by size)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ def main(params: Params) -> None:
         net = load_net(SEARCH_DIR / BEST_MODEL_FILE)
         db = load_splits().test_database()
         index = indexing.build(str(INDEX_DIR), net, db, index_spec(params.index), params.index.batch_size)
-    log.info("indexed %d test database images (%d-d, %s) in %.1f s", len(db), index.model["dim"],
+    kind = index.info["spec"]["kind"]
+    log.info("indexed %d test database images (%d-d, %s index, %s) in %.1f s", len(db), index.model["dim"], kind,
              index.reranking.describe(), timing["wall_seconds"])
-    write_json(METRICS_DIR / "index.json", {"images": len(db), "dim": int(index.model["dim"]), **timing})
+    write_json(METRICS_DIR / "index.json", {"images": len(db), "dim": int(index.model["dim"]), "kind": kind, **timing})
 
 
 def index_spec(p: IndexParams) -> IndexSpec:
-    return IndexSpec(p.kind, p.hnsw_m, p.ef_construction, p.ef_search, p.nlist, p.pq_m, p.nprobe)
+    return IndexSpec(p.kind, p.hnsw_m, p.ef_construction, p.ef_search, p.nlist, p.pq_m, p.nprobe, p.train_sample)
 
 
 if __name__ == "__main__":

@@ -480,13 +480,15 @@ class RayParams(_Section):
 
 class IndexParams(_Section):
     batch_size: int = Field(ge=1, le=4096)
-    kind: Literal["flat", "hnsw", "ivfpq"] = Field(description="exact, or approximate search")
+    kind: Literal["auto", "flat", "hnsw", "ivfflat", "ivfpq"] = Field(
+        description="exact, approximate search, or auto: by the database's size")
     hnsw_m: int = Field(ge=2, le=1024, description="hnsw: links per node")
     ef_construction: int = Field(ge=1, le=10**5, description="hnsw: candidates while building")
     ef_search: int = Field(ge=1, le=10**5, description="hnsw: candidates while searching")
-    nlist: int = Field(ge=1, le=10**7, description="ivfpq: k-means cells")
+    nlist: int = Field(ge=1, le=10**7, description="ivfflat/ivfpq: k-means cells")
     pq_m: int = Field(ge=1, le=1024, description="ivfpq: bytes per code (must divide the descriptor dimension)")
-    nprobe: int = Field(ge=1, le=10**7, description="ivfpq: cells searched per query")
+    nprobe: int = Field(ge=1, le=10**7, description="ivfflat/ivfpq: cells searched per query")
+    train_sample: int = Field(ge=1, le=10**8, description="ivfflat/ivfpq: rows the quantisers are trained on")
 
 
 Neighbours = Annotated[int, Field(ge=0, le=10**4)]

@@ -1,6 +1,7 @@
 """The benchmark suite's logic (no timings asserted: speed is measured by `python -m bench`, never tested)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from bench.measure import goal, interleaved_rates
 from bench.pipeline import pipeline_params, stage_order
 from bench.report import render, table
 from bench.search import _database, _recall, specs
+from bench.shards import _exact_neighbours, _reduced, _write_shards, peak_anonymous_memory
 from bench.train import timed_loop
 from components.training.context import LocalContext
 from tests.conftest import REPO
@@ -51,6 +53,27 @@ def test_search_database_holds_out_the_queries(real):
     assert db.shape == (600, 64) and queries.shape == (40, 64) and real_in_db == 240 - 20
     assert not any((db == q).all(axis=1).any() for q in queries)
     np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1, atol=1e-5)
+
+
+def test_shards_on_disk_and_their_exact_neighbours_match_one_flat_search(real, tmp_path):
+    x, labels = real
+    reduced = _reduced(x, 16)
+    np.testing.assert_allclose(np.linalg.norm(reduced, axis=1), 1, atol=1e-5)
+    model = ClusteredDescriptors.fit(reduced, labels, components=16)
+    paths, queries = _write_shards(tmp_path, 1000, 16, 300, 25, model, np.random.default_rng(4))
+    db = np.concatenate([np.load(p) for p in paths])
+    assert [len(np.load(p)) for p in paths] == [300, 300, 300, 100] and queries.shape == (25, 16)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1, atol=1e-5)
+    expected = np.argsort(-(queries @ db.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(_exact_neighbours(paths, queries), expected)
+
+
+def test_peak_anonymous_memory_sees_a_transient_allocation():
+    with peak_anonymous_memory(interval=0.01) as memory:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        time.sleep(0.1)
+        del block
+    assert 48 <= memory["peak_growth_mib"] <= 200
 
 
 def test_recall_counts_hits_and_ignores_missing_results():

@@ -149,7 +149,8 @@ def test_added_items_are_augmented_over_the_whole_database(tmp_path):
     np.testing.assert_array_equal(SearchIndex.open(tmp_path / "i").descriptors[30:], new)  # as the model gave them
 
 
-@pytest.mark.parametrize("spec", [IndexSpec("hnsw", hnsw_m=8), IndexSpec("ivfpq", nlist=4, pq_m=4, nprobe=4)])
+@pytest.mark.parametrize("spec", [IndexSpec("hnsw", hnsw_m=8), IndexSpec("ivfflat", nlist=4, nprobe=4),
+                                  IndexSpec("ivfpq", nlist=4, pq_m=4, nprobe=4)])
 def test_approximate_kinds_add_and_remove(tmp_path, spec):
     rng = np.random.default_rng(2)
     x = _unit(rng, 300)
@@ -160,6 +161,13 @@ def test_approximate_kinds_add_and_remove(tmp_path, spec):
     assert index.faiss_index.ntotal == 300 and 0 not in index.entries["faiss_id"].tolist()
     hits = Searcher(index, VectorDescriber(_meta())).search([x[5]], k=5)[0]
     assert hits[0].faiss_id == 5 and all(h.faiss_id != 0 for h in hits)
+
+
+def test_auto_records_the_kind_it_chose(tmp_path):
+    x = _unit(np.random.default_rng(4), 50)
+    SearchIndex.build(str(tmp_path / "i"), x, _images(0, 50), model_identity(_meta()), IndexSpec("auto"))
+    index = SearchIndex.open(tmp_path / "i")
+    assert index.info["spec"]["kind"] == "flat" and index.summary()["kind"] == "flat"
 
 
 def test_s3_index_round_trip(s3_env, built):

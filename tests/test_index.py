@@ -1,10 +1,13 @@
-"""faiss search over unit vectors: exact checked against numpy brute force; HNSW and IVF-PQ by their recall of it."""
+"""faiss search over unit vectors: exact checked against numpy brute force; HNSW, IVF-Flat and IVF-PQ by their
+recall of it; the shard-wise build by its equality with the whole one and by how many shards it holds at once."""
+
+import weakref
 
 import numpy as np
 import pytest
 
-from components.search.index import (IndexSpec, build_index, l2_distance_from_ip, load_index, save_index, search,
-                                     set_search_parameters)
+from components.search.index import (EXACT_UP_TO, IndexSpec, build_index, build_index_from_shards, l2_distance_from_ip,
+                                     load_index, save_index, search, set_search_parameters)
 from pipelines.params import ParamsError, load_params
 from tests.conftest import REPO
 
@@ -149,6 +152,78 @@ def test_ivfpq_that_cannot_train_raises(clustered, spec, message):
     db, _ = clustered
     with pytest.raises(ValueError, match=message):
         build_index(db[:300], spec)
+
+
+class LiveShards:
+    """Shard loaders that hand out fresh copies of slices of `x` and count how many of them are alive at once."""
+
+    def __init__(self, x: np.ndarray, parts: int) -> None:
+        self.slices, self.alive, self.most_alive, self.loads = np.array_split(x, parts), 0, 0, 0
+
+    def loaders(self):
+        return [lambda i=i: self._load(i) for i in range(len(self.slices))]
+
+    def _load(self, i: int) -> np.ndarray:
+        shard = self.slices[i].copy()
+        self.alive, self.loads = self.alive + 1, self.loads + 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(shard, self._freed)
+        return shard
+
+    def _freed(self) -> None:
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("spec", [IndexSpec("flat"), IndexSpec("ivfflat", nlist=8, nprobe=2),
+                                  IndexSpec("ivfpq", nlist=8, pq_m=8, nprobe=2)])
+def test_a_shard_wise_build_equals_the_whole_one_and_holds_one_shard_at_a_time(clustered, spec):
+    db, queries = clustered
+    shards = LiveShards(db, 5)
+    sharded = build_index_from_shards(shards.loaders(), spec)  # the sample (all 1,000 rows) in shard order
+    whole = build_index(db, spec)
+    assert shards.most_alive == 1 and shards.alive == 0 and sharded.ntotal == len(db)
+    for a, b in zip(search(sharded, queries, 10), search(whole, queries, 10), strict=True):
+        np.testing.assert_array_equal(a, b)  # same training rows, same ids: rows numbered across shards
+
+
+def test_ivfflat_from_shards_trains_on_a_sample_and_recalls_more_with_nprobe(clustered):
+    db, queries = clustered
+    shards = LiveShards(db, 4)
+    index = build_index_from_shards(shards.loaders(), IndexSpec("ivfflat", nlist=16, nprobe=1, train_sample=400))
+    narrow = _recall_at_10(index, db, queries)
+    set_search_parameters(index, IndexSpec("ivfflat", nlist=16, nprobe=16))  # every cell: exact
+    assert shards.most_alive == 1 and index.nprobe == 16 and narrow < _recall_at_10(index, db, queries) == 1.0
+
+
+def test_ids_continue_across_shards_from_first_id(clustered):
+    db, queries = clustered
+    index = build_index_from_shards(LiveShards(db, 3).loaders(), IndexSpec("hnsw", hnsw_m=16, ef_search=64),
+                                    first_id=500)
+    _, found = search(index, db[[0, 400, 999]], k=1)
+    np.testing.assert_array_equal(found[:, 0], [500, 900, 1499])
+
+
+def test_shards_that_disagree_are_refused(clustered):
+    db, _ = clustered
+    with pytest.raises(ValueError, match="shard 1 has shape"):
+        build_index_from_shards([lambda: db[:10], lambda: db[:10, :8]])
+    grown = iter([db[:10], db[:12]])  # the first pass saw 10 rows, the second gets 12
+    with pytest.raises(ValueError, match="12 rows on the second read, 10 on the first"):
+        build_index_from_shards([lambda: next(grown)])
+    with pytest.raises(ValueError, match="no shards"):
+        build_index_from_shards([])
+
+
+def test_auto_picks_the_kind_by_database_size():
+    auto = IndexSpec("auto", pq_m=32)
+    assert auto.for_size(EXACT_UP_TO, 1280).kind == "flat"
+    assert auto.for_size(1_000_000, 1280).kind == "hnsw"  # 4.9 GiB of vectors
+    big = auto.for_size(10_000_000, 1280)
+    assert big.kind == "ivfpq" and big.pq_m == 32
+    assert auto.for_size(10_000_000, 1000).pq_m == 25  # the largest code size ≤ 32 dividing the dimension
+    assert IndexSpec("ivfflat").for_size(10, 16).kind == "ivfflat"
+    with pytest.raises(ValueError, match="resolved"):
+        auto.factory()
 
 
 def test_index_params_are_validated(tmp_path):

@@ -35,7 +35,7 @@ import pandas as pd
 from components.catalog.describe import DIGEST_KEY
 from components.data.contract import ID, LABEL, URI
 from components.errors import FiresightError
-from components.search.index import IndexSpec, _check_unit_rows
+from components.search.index import IndexSpec, _check_unit_rows, build_index_from_shards, new_index, set_search_parameters
 from components.search.postprocess import Reranking, database_augmentation, reranking_of
 from components.storage import (atomic_write_path, is_remote, read_bytes, remove_tree, s3_errors,
                                 s3_filesystem)
@@ -147,11 +147,7 @@ class SearchIndex:
                 "spaces must not mix — use the index's model, or rebuild the index with this one")
 
     def set_search_parameters(self, spec: IndexSpec) -> None:
-        space = faiss.ParameterSpace()
-        if spec.kind == "hnsw":
-            space.set_index_parameter(self.faiss_index, "efSearch", spec.ef_search)
-        elif spec.kind == "ivfpq":
-            space.set_index_parameter(self.faiss_index, "nprobe", spec.nprobe)
+        set_search_parameters(self.faiss_index, spec)
 
     def rows_of(self, faiss_ids: np.ndarray) -> np.ndarray:
         """Entry row positions of faiss ids (−1 for an id not in the index, or faiss's −1 for "not found"). Entries
@@ -174,11 +170,9 @@ class SearchIndex:
         if x.shape[1] != model["dim"]:
             raise ValueError(f"descriptors are {x.shape[1]}-d but the model's are {model['dim']}-d")
         entries = _entries(images, np.arange(len(x), dtype=np.int64))
-        index = _new_faiss_index(spec, x.shape[1])
+        spec = spec.for_size(*x.shape)
         searched = _augmented(x, reranking_of(model))
-        if not index.is_trained:
-            index.train(searched)
-        index.add_with_ids(searched, entries[FAISS_ID].to_numpy())
+        index = build_index_from_shards([lambda: searched], spec, first_id=0)
         now = _now()
         info = {"format": FORMAT, "model": model, "spec": dataclasses.asdict(spec), "count": len(x),
                 "built_at": now, "updated_at": now, "next_id": len(x)}
@@ -240,7 +234,7 @@ class SearchIndex:
         kept_ids = self.entries.loc[keep, FAISS_ID].to_numpy(np.int64)
         vectors = np.stack([self.faiss_index.reconstruct(int(i)) for i in kept_ids]) if len(kept_ids) else \
             np.zeros((0, self.model["dim"]), np.float32)
-        index = _new_faiss_index(spec, self.model["dim"])
+        index = new_index(spec, self.model["dim"], with_ids=True)
         index.add_with_ids(vectors, kept_ids)
         self.faiss_index = index
         self.set_search_parameters(spec)
@@ -272,17 +266,6 @@ class SearchIndex:
         for old in generations:
             if old != name:
                 remove_tree(f"{self.location}/{old}")
-
-
-def _new_faiss_index(spec: IndexSpec, dim: int) -> faiss.Index:
-    """An empty inner-product index of `spec` that takes ids: IVF indexes hold ids natively (an id map over one
-    would misnumber after a removal), flat and HNSW ones through an IndexIDMap2."""
-    if spec.kind == "ivfpq":
-        return faiss.index_factory(dim, spec.factory(), faiss.METRIC_INNER_PRODUCT)
-    index = faiss.index_factory(dim, "IDMap2," + spec.factory(), faiss.METRIC_INNER_PRODUCT)
-    if spec.kind == "hnsw":
-        faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efConstruction = spec.ef_construction
-    return index
 
 
 def _entries(images: pd.DataFrame, ids: np.ndarray) -> pd.DataFrame:
