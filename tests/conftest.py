@@ -36,6 +36,16 @@ def tiny_sample(target: Path, classes: int, per_class: int, max_side: int = 64) 
     return rows
 
 
+def random_net(image_size: int = 64):
+    """lite0 + GeM with seeded random weights (nothing downloaded), in eval mode."""
+    import torch
+
+    from components.models.net import RetrievalNet
+
+    torch.manual_seed(0)
+    return RetrievalNet.create("tf_efficientnet_lite0", "gem", image_size=image_size, weights=None).eval()
+
+
 def tiny_train_val(target: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """6 classes × 6 tiny real images: (path, class index) of classes 0-3 to train on, and of classes 4-5 to validate."""
     rows = tiny_sample(target, classes=6, per_class=6)

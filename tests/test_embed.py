@@ -7,12 +7,12 @@ from components.data.datasets import ImageDataset
 from components.data.transforms import BatchTransform
 from components.models.net import RetrievalNet
 from components.search.embed import embed_images
+from tests.conftest import random_net
 
 
 @pytest.fixture(scope="module")
 def net() -> RetrievalNet:
-    torch.manual_seed(0)
-    return RetrievalNet.create("tf_efficientnet_lite0", "gem", image_size=64, weights=None).eval()
+    return random_net()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@ rebuilt index and a grown one hold the same descriptors for the same images."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from components.catalog.describe import DIGEST_KEY, model_digest
@@ -18,18 +20,39 @@ from components.search.index import IndexSpec
 from components.storage import read_bytes
 
 
+# (net, uris, batch size) -> (descriptors of the described images in input order, {input position: why not})
+Describe = Callable[[object, list[str], int], tuple[np.ndarray, dict[int, str]]]
+
+
 def describe_files(net, uris: list[str], batch_size: int, desc: str):
     """Descriptors of image files as the index holds them (the net's meta: resolution, scales, whitening)."""
     return embed_images(net, uris, batch_size=batch_size, progress=True, desc=desc)[1]
 
 
+def describe_in_process(net, uris: list[str], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
+    """The single-process `Describe`: an unreadable image stops it with a DataError naming the file."""
+    return describe_files(net, uris, batch_size, "index"), {}
+
+
+@dataclass
+class Built:
+    """A new index and the images it could not describe ({file, reason})."""
+
+    index: SearchIndex
+    undescribed: list[dict[str, str]]
+
+
 def build(location: str, net, images: pd.DataFrame, spec: IndexSpec, batch_size: int,
-          registry_version: str | None = None) -> SearchIndex:
-    """Embed `images` (id, label, uri) with `net` and write a new index of them at `location`."""
+          registry_version: str | None = None, describe: Describe = describe_in_process) -> Built:
+    """Embed `images` (id, label, uri) with `net` through `describe` and write a new index of them at `location`;
+    an image `describe` reports as unreadable is left out and named in the answer."""
     meta = {**net.meta, DIGEST_KEY: model_digest(net)}
-    descriptors = describe_files(net, images[URI].tolist(), batch_size, "index")
-    return SearchIndex.build(location, descriptors, images[[ID, LABEL, URI]].reset_index(drop=True),
-                             model_identity(meta, registry_version), spec)
+    images = images[[ID, LABEL, URI]].reset_index(drop=True)
+    descriptors, errors = describe(net, images[URI].tolist(), batch_size)
+    undescribed = [{"file": images[URI][i], "reason": why} for i, why in sorted(errors.items())]
+    kept = images.drop(index=list(errors)).reset_index(drop=True)
+    index = SearchIndex.build(location, descriptors, kept, model_identity(meta, registry_version), spec)
+    return Built(index, undescribed)
 
 
 @dataclass
