@@ -480,6 +480,8 @@ class RayParams(_Section):
 
 class IndexParams(_Section):
     batch_size: int = Field(ge=1, le=4096)
+    engine: Literal["local", "ray"] = Field(description="embed in the stage's process, or on Ray Data actors")
+    actors: int = Field(ge=1, le=1024, description="ray: actors, each holding the model once")
     kind: Literal["auto", "flat", "hnsw", "ivfflat", "ivfpq"] = Field(
         description="exact, approximate search, or auto: by the database's size")
     hnsw_m: int = Field(ge=2, le=1024, description="hnsw: links per node")

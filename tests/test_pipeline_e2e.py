@@ -87,6 +87,8 @@ def test_dvc_repro_end_to_end(repo_copy: Path, capsys):
     search_meta = json.loads((repo / "models/search/meta.json").read_text())  # the postprocess stage's choice
     assert search_meta["image_size"] in (64, 80) and search_meta["scales"] in ([1.0], [1.0, 0.75])
     assert index.descriptors.shape == (len(ids), search_meta["dim"]) and index.faiss_index.ntotal == len(ids)
+    indexed = json.loads((repo / "metrics/index.json").read_text())  # embedded on Ray Data actors, nothing left out
+    assert (indexed["engine"], indexed["images"], indexed["undescribed"]) == ("ray", len(ids), [])
     for model in ("search", "off_the_shelf"):
         choice = json.loads((repo / "models" / model / "choice.json").read_text())
         assert choice["val_map_chosen"] >= choice["val_map_start"] == choice["trials"][0]["val_map"]

@@ -15,7 +15,7 @@ import ray
 from tqdm import tqdm
 
 from components.distributed import ensure_ray
-from components.errors import DataError
+from components.errors import DataError, FiresightError
 from components.models.net import RetrievalNet
 from components.search.embed import embed_images
 
@@ -68,6 +68,16 @@ class _Describer:
                 ERROR: np.asarray(errors, dtype=object)}
 
 
+def _log_through_ours() -> None:
+    """Ray Data prints its execution plan and progress lines to the console itself: send them through the process's
+    own logging instead (a stage's go to its log file), keeping Ray's session file."""
+    data_log = logging.getLogger("ray.data")
+    for handler in data_log.handlers[:]:
+        if isinstance(handler, logging.StreamHandler):  # the console's (Ray's session file handler is not one)
+            data_log.removeHandler(handler)
+    data_log.propagate = True
+
+
 def embed_with_ray(net: RetrievalNet, uris: Sequence[str], *, batch_size: int = 32, actors: int = 2,
                    cpus_per_actor: float = 1, use_gpu: bool = False,
                    on_block: Callable[[np.ndarray, np.ndarray], None] | None = None, progress: bool = False,
@@ -79,13 +89,22 @@ def embed_with_ray(net: RetrievalNet, uris: Sequence[str], *, batch_size: int = 
     carry their input index. `progress` shows one bar of images described (Ray Data's own bars stay off).
     """
     ensure_ray()
+    _log_through_ours()
+    if use_gpu:  # one GPU an actor: never wait for actors the cluster has no GPU for
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus < 1:
+            raise FiresightError("GPU embedding asked for (ray.use_gpu), but the Ray cluster has no GPU")
+        if gpus < actors:
+            log.info("embedding on %d actors, one per GPU (%d asked for)", gpus, actors)
+            actors = gpus
     ray.data.DataContext.get_current().enable_progress_bars = False
     model = ray.put({"meta": net.meta, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}})
     items = ray.data.from_items([{INDEX: i, URI: str(u)} for i, u in enumerate(uris)],
                                 override_num_blocks=max(1, min(len(uris) // batch_size, 200)) if uris else 1)
     described = items.map_batches(
         _Describer, fn_constructor_kwargs={"model": model, "batch_size": batch_size, "use_gpu": use_gpu},
-        batch_size=batch_size, concurrency=actors, num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+        num_gpus=1 if use_gpu else 0)
     # Ray Data's actor pool restarts a dead actor and retries its batch by default (max_restarts=-1)
     indices, blocks, errors = [], [], {}
     bar = tqdm(total=len(uris), desc=desc, unit="image", disable=not progress)
