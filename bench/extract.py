@@ -1,18 +1,22 @@
-"""Descriptor extraction: images/s of the index stage's embedding path (`embed_images`: decode, resize and pad,
-forward) against the limit, a bare torch loop over already decoded and resized tensors with the same model, batch
-size and threads; the decode and resize costs alone; and the effect of batch size and thread count."""
+"""Descriptor extraction: images/s of the index stage's embedding paths (`embed_images`: decode, resize and pad,
+forward, in one process; and the same on Ray Data actors, `index.engine: ray`) against the limit, a bare torch loop
+over already decoded and resized tensors with the same model, batch size and threads; the decode and resize costs
+alone; and the effect of batch size and thread count."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import ray
 import torch
 
 from bench.data import real_images
 from bench.measure import goal, interleaved_rates, measured, ratio
 from components.data.images import load_rgb
 from components.data.transforms import BatchTransform
+from components.distributed import ensure_ray
 from components.search.embed import embed_images
+from components.search.ray_embed import embed_with_ray
 from pipelines.common import net_spec
 from pipelines.params import load_params
 
@@ -45,6 +49,7 @@ def run(mode: str) -> dict[str, Any]:
 
     main = interleaved_rates(rivals(len(images), batch_size), work=len(images), rounds=size["rounds"])
     main_ratio = ratio(main["firesight"]["rate"], main["bare torch"]["rate"])
+    on_ray = _ray_data(net, images.uris, batch_size, main["bare torch"]["rate"])
     grid = []
     for threads in THREADS:
         torch.set_num_threads(threads)
@@ -63,9 +68,34 @@ def run(mode: str) -> dict[str, Any]:
         "decode": decode, "resize_and_pad": resize, "forward": forward,
         "comparison": main,
         "ratio": main_ratio,
+        "ray_data": on_ray,
         "grid": grid,
         "goals": [goal("extraction: index-stage path vs bare torch", main_ratio, GOAL_RATIO)],
     }
+
+
+def _ray_data(net: torch.nn.Module, uris: list[str], batch_size: int, bare_rate: float) -> list[dict[str, Any]]:
+    """`embed_with_ray` on a warm local Ray, 1 actor with every core and one actor per core, each over the images
+    and over them 4 times: the wall times include starting the actors (what the index stage pays), and the two sizes
+    split them into a fixed start-up and a steady rate."""
+    ensure_ray()
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    runs = []
+    for actors, cpus in ((1, cores), (cores, 1)):
+        walls = {}
+        for repeat in (1, 4):
+            with measured() as walls[repeat]:
+                embed_with_ray(net, uris * repeat, batch_size=batch_size, actors=actors, cpus_per_actor=cpus)
+        steady = round(3 * len(uris) / (walls[4]["wall_seconds"] - walls[1]["wall_seconds"]), 1)
+        runs.append({"actors": actors, "cpus_per_actor": cpus, "images": len(uris), "runs": walls,
+                     "wall_seconds": walls[1]["wall_seconds"], "loadavg_start": walls[1]["loadavg_start"],
+                     "loadavg_end": walls[4]["loadavg_end"],
+                     "images_per_s": round(len(uris) / walls[1]["wall_seconds"], 1), "steady_images_per_s": steady,
+                     "startup_seconds": round(walls[1]["wall_seconds"] - len(uris) / steady, 1),
+                     "ratio_vs_bare": ratio(len(uris) / walls[1]["wall_seconds"], bare_rate),
+                     "steady_ratio_vs_bare": ratio(steady, bare_rate)})
+    ray.shutdown()
+    return runs
 
 
 @torch.inference_mode()

@@ -1,6 +1,8 @@
-"""Ray start-up overhead: a cold local `ray.init` (through `ensure_ray`, as the training stages start it), and a
-trivial training job through `run_training` on 1 and 2 workers against the same loop run bare. Measured in a fresh
-process (`python -m bench.ray_overhead` prints the JSON), so that no Ray is already running in it."""
+"""Ray's own cost: a cold local `ray.init` (through `ensure_ray`, as the stages start it), a trivial training job
+through `run_training` on 1 and 2 workers against the same loop run bare, and what an idle local Ray's system
+processes (GCS, raylet, dashboard and its agents, idle workers) take in CPU and memory — as `ensure_ray` starts it
+(with the dashboard Ray Train's state API needs) and without the dashboard. Each measured in a fresh process
+(`python -m bench.ray_overhead [--idle-without-dashboard]` prints the JSON), so that no Ray is already running in it."""
 
 from __future__ import annotations
 
@@ -9,21 +11,53 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from components.training.context import BEST_MODEL_FILE, LocalContext, WorkerContext, write_history
 
 STEPS = 50
+IDLE_SECONDS = {"quick": 5, "full": 30}
 
 
 def run(mode: str) -> dict[str, Any]:
+    out = _in_fresh_process(str(IDLE_SECONDS[mode]))
+    out["idle_without_dashboard"] = _in_fresh_process(str(IDLE_SECONDS[mode]), "--idle-without-dashboard")
+    return out
+
+
+def _in_fresh_process(*args: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray, started cold
-    proc = subprocess.run([sys.executable, "-m", "bench.ray_overhead"], env=env, capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.ray_overhead", *args], env=env, capture_output=True, text=True,
+                          check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def idle_cost(seconds: float) -> dict[str, Any]:
+    """CPU (percent of one core, averaged over `seconds`) and memory (PSS) of this process's descendants — the
+    local Ray's system processes and idle workers — grouped by process name, while nothing runs."""
+    processes = psutil.Process().children(recursive=True)
+    for p in processes:
+        p.cpu_percent(None)
+    time.sleep(seconds)
+    by_name: dict[str, dict[str, float]] = {}
+    for p in processes:
+        try:
+            cpu, pss, name = p.cpu_percent(None), p.memory_full_info().pss, p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        row = by_name.setdefault(name, {"processes": 0, "cpu_percent": 0.0, "pss_mib": 0.0})
+        row["processes"] += 1
+        row["cpu_percent"] = round(row["cpu_percent"] + cpu, 1)
+        row["pss_mib"] = round(row["pss_mib"] + pss / 2**20, 1)
+    return {"seconds": seconds, "by_process": dict(sorted(by_name.items(), key=lambda kv: -kv[1]["pss_mib"])),
+            "cpu_percent": round(sum(r["cpu_percent"] for r in by_name.values()), 1),
+            "pss_mib": round(sum(r["pss_mib"] for r in by_name.values()), 1)}
 
 
 def trivial_loop(steps: int, ctx: WorkerContext) -> None:
@@ -45,7 +79,7 @@ def trivial_loop(steps: int, ctx: WorkerContext) -> None:
     ctx.report({"epoch": 1}, write if ctx.rank == 0 else None)
 
 
-def _measure() -> dict[str, Any]:
+def _measure(idle_seconds: float) -> dict[str, Any]:
     import ray
 
     from bench.measure import measured
@@ -57,6 +91,7 @@ def _measure() -> dict[str, Any]:
             trivial_loop(STEPS, LocalContext(Path(tmp) / "local"))
         with measured() as out["ray_init"]:
             ensure_ray()
+        out["idle"] = idle_cost(idle_seconds)
         for workers in (1, 2):
             cluster = Cluster(workers, 1, False, str(Path(tmp) / "ray"))
             with measured() as out[f"job_{workers}_worker"]:
@@ -70,5 +105,17 @@ def _measure() -> dict[str, Any]:
     return out
 
 
+def _idle_without_dashboard(idle_seconds: float) -> dict[str, Any]:
+    import components  # noqa: F401  (before ray: a local Ray on loopback)
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        return idle_cost(idle_seconds)
+    finally:
+        ray.shutdown()
+
+
 if __name__ == "__main__":
-    print(json.dumps(_measure()))
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else IDLE_SECONDS["full"]
+    print(json.dumps(_idle_without_dashboard(seconds) if "--idle-without-dashboard" in sys.argv else _measure(seconds)))

@@ -64,6 +64,13 @@ def _extract(s: dict) -> str:
         table(["path", "images/s (median)", "rounds", "load avg"],
               [(name, r["rate"], ", ".join(f"{x:.1f}" for x in r["rates"]), _load(r)) for name, r in c.items()]
               + [("ratio Firesight / bare", s["ratio"], "", "")]),
+        "On Ray Data (`index.engine: ray`, a warm local Ray): the same images, then 4 times as many; each run starts "
+        "its actors, and the two sizes split its wall time into a fixed start-up and a steady rate:",
+        table(["actors × CPUs", "wall (s)", "images/s", "ratio vs bare", "start-up (s)", "steady images/s",
+               "steady ratio vs bare", "load avg"],
+              [(f"{r['actors']} × {r['cpus_per_actor']}", r["wall_seconds"], r["images_per_s"], r["ratio_vs_bare"],
+                r["startup_seconds"], r["steady_images_per_s"], r["steady_ratio_vs_bare"], _load(r))
+               for r in s.get("ray_data", [])]),
         "Cost per image, each step alone (one pass):",
         table(["decode (PIL)", "resize + normalise + pad", "forward (batch " + str(mdl["batch_size"]) + ")"],
               [(f"{ms['decode']:.1f} ms", f"{ms['resize_and_pad']:.1f} ms", f"{ms['forward']:.1f} ms")]),
@@ -121,12 +128,23 @@ def _search(s: dict) -> str:
 
 def _ray(s: dict) -> str:
     o = s["overhead_seconds"]
-    return table(["step", "wall (s)", "overhead vs bare (s)", "load avg"], [
+    startup = table(["step", "wall (s)", "overhead vs bare (s)", "load avg"], [
         (f"bare loop ({s['steps']} steps)", s["bare_loop"]["wall_seconds"], None, _load(s["bare_loop"])),
         ("ray.init (ensure_ray, cold)", s["ray_init"]["wall_seconds"], o["ray_init"], _load(s["ray_init"])),
         ("trivial job, 1 worker", s["job_1_worker"]["wall_seconds"], o["job_1_worker"], _load(s["job_1_worker"])),
         ("trivial job, 2 workers", s["job_2_worker"]["wall_seconds"], o["job_2_worker"], _load(s["job_2_worker"])),
         ("ray.shutdown", s["ray_shutdown"]["wall_seconds"], None, _load(s["ray_shutdown"])),
+    ])
+    if "idle" not in s:
+        return startup
+    idle = [("as `ensure_ray` starts it (dashboard on)", s["idle"]), ("without the dashboard", s["idle_without_dashboard"])]
+    return "\n\n".join([
+        startup,
+        f"An idle local Ray ({s['idle']['seconds']:.0f} s, nothing running): CPU in % of one core, memory as PSS.",
+        table(["local Ray", "CPU (%)", "PSS (MiB)", "processes (CPU %, PSS MiB)"],
+              [(name, r["cpu_percent"], r["pss_mib"], "; ".join(
+                  f"{p} ×{v['processes']} ({v['cpu_percent']}, {v['pss_mib']:.0f})" for p, v in r["by_process"].items()))
+               for name, r in idle]),
     ])
 
 
