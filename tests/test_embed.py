@@ -79,3 +79,17 @@ def test_whitening_applies_to_the_multi_scale_descriptor(net, uris):
     y = (plain - mean) @ projection.T
     expected = y / np.linalg.norm(y, axis=1, keepdims=True)
     np.testing.assert_allclose(embed_images(whitened_net, uris, batch_size=2, scales=(1.0, 0.75))[1], expected, atol=1e-5)
+
+
+def test_embedding_mid_training_leaves_every_module_in_its_mode(net, uris):
+    """A sampler that embeds with the current model mid-epoch (mined positives, hard negatives) must not unfreeze
+    the BatchNorm statistics the training loop froze: each module's train/eval mode is restored as it was."""
+    from components.models.net import freeze_batchnorm_statistics
+
+    net.train()
+    freeze_batchnorm_statistics(net)
+    before = {name: m.training for name, m in net.named_modules()}
+    assert any(before.values()) and not all(before.values())
+    embed_images(net, uris, batch_size=2)
+    assert {name: m.training for name, m in net.named_modules()} == before
+    net.eval()

@@ -44,7 +44,7 @@ def embed_images(
     if indices is not None:
         dataset = Subset(dataset, list(indices))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=list)  # images decoded once
-    was_training = net.training
+    modes = {m: m.training for m in net.modules()}  # restored module by module: a caller's frozen BatchNorm stays so
     net.eval()
     out_idx, out_desc = [], []
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
@@ -52,7 +52,8 @@ def embed_images(
         d = net.describe([transform(images)[0].to(device) for transform in transforms])
         out_desc.append(d.float().cpu().numpy())
         out_idx.append(np.array([item[2] for item in batch], dtype=np.int64))
-    net.train(was_training)
+    for module, training in modes.items():
+        module.training = training
     dim = net.meta["dim"]
     if not out_desc:
         return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
