@@ -208,12 +208,20 @@ def index_add(
     label_from: Annotated[str, typer.Option(help="folder (class = sub-folder name) or csv")] = "folder",
     model: ModelOpt = None,
     index: IndexOpt = DEFAULT_INDEX,
+    actors: Annotated[int, typer.Option(min=0, max=1024, help="embed on this many Ray Data actors (a private local "
+                                        "Ray, or RAY_ADDRESS's cluster); 0: in this process")] = 0,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Embed new images with the index's model and add them (no rebuild; ids stay stable)."""
     _quiet_libraries()
     from components.catalog import indexing
     from components.catalog.store import SearchIndex
+
+    describe = indexing.describe_in_process
+    if actors:
+        from components.search.ray_embed import ray_describer
+
+        describe = ray_describer(actors=actors)
 
     if label_from not in ("folder", "csv"):
         _fail(f"--label-from must be folder or csv, got {label_from!r}")
@@ -223,14 +231,15 @@ def index_add(
         found = indexing.candidates(source, label_from)
         describer = _load(model, settings).describer
         _checked(lambda: target.check_model(describer.meta), index, settings)  # before any embedding
-        report = indexing.add(target, describer.net, found.images, settings["batch_size"])
+        report = indexing.add(target, describer.net, found.images, settings["batch_size"], describe)
     except FiresightError as e:
         _fail(str(e))
-    for r in found.rejected:
+    rejected = found.rejected + report.undescribed
+    for r in rejected:
         typer.echo(f"rejected {r['file']}: {r['reason']}", err=True)
     typer.echo(f"added {len(report.added)} image(s) to {index} (ids {_ranges(report.added)}); "
-               f"{len(report.already_indexed)} already indexed, {len(found.rejected)} rejected")
-    if found.rejected:
+               f"{len(report.already_indexed)} already indexed, {len(rejected)} rejected")
+    if rejected:
         raise typer.Exit(2)
 
 

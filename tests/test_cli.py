@@ -116,6 +116,24 @@ def test_index_add_remove_round_trip(sample_index, tmp_path):
     assert code == 2  # already gone: said
 
 
+def test_index_add_on_ray_data_actors_adds_what_the_in_process_add_does(sample_index, tmp_path, ray_local):
+    from components.catalog.store import SearchIndex
+
+    _, ckpt, found = sample_index
+    new = tmp_path / "new" / CLASSES[3]
+    new.mkdir(parents=True)
+    for u in found[found["label"] == CLASSES[3]]["uri"].iloc[15:20]:
+        shutil.copy(u, new / Path(u).name)
+    grown = {}
+    for how, extra in (("local", []), ("ray", ["--actors", "2"])):
+        index = _fresh_copy(sample_index, tmp_path / how)
+        code, out, err = _invoke("index", "add", str(tmp_path / "new"), "--model", str(ckpt), "--index", str(index), *extra)
+        assert code == 0 and "added 5 image(s)" in out, err
+        grown[how] = SearchIndex.open(index)
+    assert grown["ray"].entries["uri"].tolist() == grown["local"].entries["uri"].tolist()
+    assert abs(grown["ray"].descriptors - grown["local"].descriptors).max() <= 1e-5
+
+
 def test_another_model_is_refused_before_any_work(sample_index, tmp_path):
     index = _fresh_copy(sample_index, tmp_path)
     other = RetrievalNet.create("tf_efficientnet_lite0", "gem", image_size=128, weights="imagenet")  # another space

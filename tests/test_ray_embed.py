@@ -28,6 +28,8 @@ def test_two_actors_give_the_single_process_descriptors(ray_local, net, uris):
     got = embed_with_ray(net, uris, batch_size=4, actors=2)
     np.testing.assert_array_equal(got.indices, np.arange(len(uris)))
     assert got.errors == {} and np.abs(got.descriptors - expected).max() <= 1e-5
+    nothing = embed_with_ray(net, [], batch_size=4, actors=2)
+    assert nothing.indices.shape == (0,) and nothing.descriptors.shape == (0, net.meta["dim"])
 
 
 def test_an_unreadable_image_is_reported_and_the_rest_described(ray_local, net, uris, tmp_path):

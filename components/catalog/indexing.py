@@ -24,14 +24,10 @@ from components.storage import read_bytes
 Describe = Callable[[object, list[str], int], tuple[np.ndarray, dict[int, str]]]
 
 
-def describe_files(net, uris: list[str], batch_size: int, desc: str):
-    """Descriptors of image files as the index holds them (the net's meta: resolution, scales, whitening)."""
-    return embed_images(net, uris, batch_size=batch_size, progress=True, desc=desc)[1]
-
-
 def describe_in_process(net, uris: list[str], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
-    """The single-process `Describe`: an unreadable image stops it with a DataError naming the file."""
-    return describe_files(net, uris, batch_size, "index"), {}
+    """The single-process `Describe` (the net's meta: resolution, scales, whitening): an unreadable image stops it
+    with a DataError naming the file."""
+    return embed_images(net, uris, batch_size=batch_size, progress=True, desc="embedding")[1], {}
 
 
 @dataclass
@@ -92,14 +88,19 @@ def candidates(source: str, label_from: str, max_pixels: int | None = None) -> C
     return Candidates(pd.DataFrame(rows, columns=[ID, LABEL, URI]), rejected)
 
 
-def add(index: SearchIndex, net, images: pd.DataFrame, batch_size: int) -> AddReport:
-    """Embed `images` with `net` (refused unless it is the index's model) and add them to `index`; images it
-    already holds are not embedded again."""
+def add(index: SearchIndex, net, images: pd.DataFrame, batch_size: int,
+        describe: Describe = describe_in_process) -> AddReport:
+    """Embed `images` with `net` (refused unless it is the index's model) through `describe` and add them to
+    `index`; images it already holds are not embedded again, and one `describe` reports unreadable is left out and
+    named in the report."""
     meta = {**net.meta, DIGEST_KEY: model_digest(net)}
     index.check_model(meta)
     known = dict(zip(index.entries[ID], index.entries[FAISS_ID].astype(int)))
     fresh = images[~images[ID].isin(known) & ~images[ID].duplicated()].reset_index(drop=True)
-    descriptors = describe_files(net, fresh[URI].tolist(), batch_size, "index add") if len(fresh) else None
+    descriptors, errors = describe(net, fresh[URI].tolist(), batch_size) if len(fresh) else (None, {})
+    undescribed = [{"file": fresh[URI][i], "reason": why} for i, why in sorted(errors.items())]
+    fresh = fresh.drop(index=list(errors)).reset_index(drop=True)
     report = index.add(descriptors, fresh, meta) if len(fresh) else AddReport([], {})
     report.already_indexed = {i: known[i] for i in images[ID] if i in known}
+    report.undescribed = undescribed
     return report

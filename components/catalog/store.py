@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,7 @@ def model_identity(meta: dict[str, Any], registry_version: str | None = None) ->
 class AddReport:
     added: list[int]  # the new entries' faiss ids
     already_indexed: dict[str, int]  # image sha256 → the faiss id it already has (not added again)
+    undescribed: list[dict[str, str]] = field(default_factory=list)  # {file, reason}: could not be embedded
 
 
 @dataclass

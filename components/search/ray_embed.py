@@ -36,7 +36,7 @@ class RayEmbedding:
 class _Describer:
     """A Ray Data actor: the network built once, then `embed_images` over each batch of URIs."""
 
-    def __init__(self, model, batch_size: int, use_gpu: bool) -> None:
+    def __init__(self, model: dict | ray.ObjectRef, batch_size: int, use_gpu: bool) -> None:
         import torch
 
         if isinstance(model, ray.ObjectRef):
@@ -88,6 +88,8 @@ def embed_with_ray(net: RetrievalNet, uris: Sequence[str], *, batch_size: int = 
     answer then holds no descriptors, only the indices seen and the errors. Blocks come in completion order: rows
     carry their input index. `progress` shows one bar of images described (Ray Data's own bars stay off).
     """
+    if not uris:
+        return RayEmbedding(np.zeros(0, dtype=np.int64), np.zeros((0, net.meta["dim"]), dtype=np.float32))
     ensure_ray()
     _log_through_ours()
     if use_gpu:  # one GPU an actor: never wait for actors the cluster has no GPU for
@@ -100,7 +102,7 @@ def embed_with_ray(net: RetrievalNet, uris: Sequence[str], *, batch_size: int = 
     ray.data.DataContext.get_current().enable_progress_bars = False
     model = ray.put({"meta": net.meta, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}})
     items = ray.data.from_items([{INDEX: i, URI: str(u)} for i, u in enumerate(uris)],
-                                override_num_blocks=max(1, min(len(uris) // batch_size, 200)) if uris else 1)
+                                override_num_blocks=max(1, min(len(uris) // batch_size, 200)))
     described = items.map_batches(
         _Describer, fn_constructor_kwargs={"model": model, "batch_size": batch_size, "use_gpu": use_gpu},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
@@ -119,11 +121,9 @@ def embed_with_ray(net: RetrievalNet, uris: Sequence[str], *, batch_size: int = 
         else:
             blocks.append(good)
     bar.close()
-    order = np.argsort(np.concatenate(indices)) if indices else np.zeros(0, dtype=np.int64)
-    seen = np.concatenate(indices)[order] if indices else np.zeros(0, dtype=np.int64)
-    dim = net.meta["dim"]
-    x = np.concatenate(blocks)[order] if blocks else np.zeros((0, dim), dtype=np.float32)
-    return RayEmbedding(seen, x, errors)
+    order = np.argsort(np.concatenate(indices))
+    x = np.concatenate(blocks)[order] if blocks else np.zeros((0, net.meta["dim"]), dtype=np.float32)
+    return RayEmbedding(np.concatenate(indices)[order], x, errors)
 
 
 def ray_describer(*, actors: int, cpus_per_actor: float = 1, use_gpu: bool = False):
@@ -132,7 +132,7 @@ def ray_describer(*, actors: int, cpus_per_actor: float = 1, use_gpu: bool = Fal
 
     def describe(net: RetrievalNet, uris: list[str], batch_size: int) -> tuple[np.ndarray, dict[int, str]]:
         got = embed_with_ray(net, uris, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor,
-                             use_gpu=use_gpu, progress=True, desc="index")
+                             use_gpu=use_gpu, progress=True, desc="embedding")
         return got.descriptors, got.errors
 
     return describe
