@@ -43,12 +43,17 @@ def build(location: str, net, images: pd.DataFrame, spec: IndexSpec, batch_size:
     """Embed `images` (id, label, uri) with `net` through `describe` and write a new index of them at `location`;
     an image `describe` reports as unreadable is left out and named in the answer."""
     meta = {**net.meta, DIGEST_KEY: model_digest(net)}
-    images = images[[ID, LABEL, URI]].reset_index(drop=True)
-    descriptors, errors = describe(net, images[URI].tolist(), batch_size)
-    undescribed = [{"file": images[URI][i], "reason": why} for i, why in sorted(errors.items())]
-    kept = images.drop(index=list(errors)).reset_index(drop=True)
+    descriptors, kept, undescribed = _described(net, images[[ID, LABEL, URI]], batch_size, describe)
     index = SearchIndex.build(location, descriptors, kept, model_identity(meta, registry_version), spec)
     return Built(index, undescribed)
+
+
+def _described(net, images: pd.DataFrame, batch_size: int, describe: Describe):
+    """(descriptors, the images they describe, [{file, reason}] of those `describe` could not read)."""
+    images = images.reset_index(drop=True)
+    descriptors, errors = describe(net, images[URI].tolist(), batch_size)
+    undescribed = [{"file": images[URI][i], "reason": why} for i, why in sorted(errors.items())]
+    return descriptors, images.drop(index=list(errors)).reset_index(drop=True), undescribed
 
 
 @dataclass
@@ -96,10 +101,8 @@ def add(index: SearchIndex, net, images: pd.DataFrame, batch_size: int,
     meta = {**net.meta, DIGEST_KEY: model_digest(net)}
     index.check_model(meta)
     known = dict(zip(index.entries[ID], index.entries[FAISS_ID].astype(int)))
-    fresh = images[~images[ID].isin(known) & ~images[ID].duplicated()].reset_index(drop=True)
-    descriptors, errors = describe(net, fresh[URI].tolist(), batch_size) if len(fresh) else (None, {})
-    undescribed = [{"file": fresh[URI][i], "reason": why} for i, why in sorted(errors.items())]
-    fresh = fresh.drop(index=list(errors)).reset_index(drop=True)
+    fresh = images[~images[ID].isin(known) & ~images[ID].duplicated()]
+    descriptors, fresh, undescribed = _described(net, fresh, batch_size, describe) if len(fresh) else (None, fresh, [])
     report = index.add(descriptors, fresh, meta) if len(fresh) else AddReport([], {})
     report.already_indexed = {i: known[i] for i in images[ID] if i in known}
     report.undescribed = undescribed

@@ -162,7 +162,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def load_net(path: Path) -> RetrievalNet:
     """Rebuild a RetrievalNet from a checkpoint alone (no side information needed)."""
-    ckpt = read_checkpoint(path)
+    return net_from_checkpoint(read_checkpoint(path))
+
+
+def net_from_checkpoint(ckpt: dict[str, Any]) -> RetrievalNet:
+    """The RetrievalNet of a checkpoint's {'meta', 'state_dict'} (as read from a file, or shipped to a worker)."""
     net = RetrievalNet(ckpt["meta"], weights=None)
     net.load_state_dict(ckpt["state_dict"])
     net.meta = ckpt["meta"]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from components.distributed import ensure_ray
 from components.errors import DataError, FiresightError
-from components.models.net import RetrievalNet
+from components.models.net import RetrievalNet, net_from_checkpoint
 from components.search.embed import embed_images
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ class _Describer:
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
         self.device = "cuda" if use_gpu else "cpu"
-        self.net = RetrievalNet(model["meta"], weights=None)
-        self.net.load_state_dict(model["state_dict"])
-        self.net.meta = model["meta"]
-        self.net.to(self.device).eval()
+        self.net = net_from_checkpoint(model).to(self.device)
         self.batch_size = batch_size
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
 
