@@ -7,6 +7,7 @@ worker and embedding actor ran, and how far the distributed descriptors are from
 """
 
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -25,11 +26,17 @@ from components.training.jobs import LabelledImages, Optimisation, RetrievalJob,
 from components.training.retrieval import train_retrieval
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     nodes = LocalNodes(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"node_a": 1}, "node_ip_address": "127.0.0.1", "include_dashboard": True,
-        "dashboard_host": "127.0.0.1"})
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})  # 8265 may be another Ray's (the tests')
     nodes.add_node(num_cpus=1, resources={"node_b": 1}, node_ip_address="127.0.0.1")
     nodes.wait_for_nodes()
     ensure_ray(nodes.address)
