@@ -117,7 +117,7 @@ def search(
     _quiet_libraries()
     from components.catalog.searcher import Searcher
     from components.catalog.store import SearchIndex, content_id
-    from components.data.images import BadImage, decode_rgb
+    from components.data.images import BadImage, decode_rgb, decode_side
     from components.storage import read_bytes
 
     try:
@@ -125,6 +125,7 @@ def search(
         opened = SearchIndex.open(index)
         searcher = _checked(lambda: Searcher(opened, _load(model, settings, engine).describer, rerank=rerank),
                             index, settings)
+        side = decode_side(searcher.describer.meta)  # queries decoded as the index's images were
         files = list(_query_files(queries))
         answers: list[dict] = []
         for start in range(0, len(files), QUERY_BATCH):
@@ -132,7 +133,7 @@ def search(
             for f in files[start:start + QUERY_BATCH]:
                 try:
                     data = read_bytes(f)
-                    images.append(decode_rgb(data))
+                    images.append(decode_rgb(data, draft_side=side))
                 except (BadImage, FiresightError) as e:
                     answers.append({"query": f, "error": getattr(e, "reason", str(e))})
                     continue

@@ -81,7 +81,8 @@ def net_spec(m: ModelParams, init_checkpoint: Path | None = None) -> NetSpec:
         weights = str(Path(weights).resolve())  # Ray workers may run elsewhere in the tree
     pooling = m.pooling_spec()
     return NetSpec(m.backbone, pooling.name, m.gem_p, m.image_size, weights, m.frozen_stages,
-                   str(init_checkpoint.resolve()) if init_checkpoint else None, dict(pooling.args) or None)
+                   str(init_checkpoint.resolve()) if init_checkpoint else None, dict(pooling.args) or None,
+                   m.draft_decode)
 
 
 def cluster(r: RayParams, num_workers: int | None = None) -> Cluster:

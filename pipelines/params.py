@@ -71,6 +71,8 @@ class ModelParams(_Section):
     gem_p: float = Field(gt=0, le=100, description="initial GeM exponent (gem, and GeM inside gem_second_order/mop/multi_level)")
     frozen_stages: int = Field(ge=0, le=16, description="leading backbone stages kept frozen (stage 0 is the stem)")
     image_size: int = Field(ge=32, le=MAX_SIDE, description="longer side of every image at evaluation time")
+    draft_decode: bool = Field(description="decode a JPEG at 1/2, 1/4 or 1/8 scale when it is larger than twice the "
+                               "side it is described at (index, evaluation, queries): several times cheaper")
 
     def pooling_spec(self) -> Spec:
         """model.pooling as a registry spec: a plain name has no args (GeM's exponent is gem_p)."""

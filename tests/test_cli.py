@@ -261,3 +261,26 @@ def test_serve_wires_the_service_and_refuses_exposure_without_a_token(sample_ind
         assert again["results"][0]["id"] == unseen["id"]
     finally:
         stop_group(server)
+
+
+def test_queries_are_decoded_as_the_index_images_were(tmp_path):
+    """A draft-decode model (the sample's 224-px JPEGs described at 96 px: decoded at 1/2 scale): a database image
+    searched for scores 1.0 with itself — the query was draft-decoded too; a full decode of it would not."""
+    from components.catalog.describe import TorchDescriber
+    from components.data.images import DRAFT_DECODE, load_rgb
+    from components.search.embed import embed_images
+
+    net = RetrievalNet.create("tf_efficientnet_lite0", "gem", image_size=96, weights="imagenet").eval()
+    net.meta = {**net.meta, DRAFT_DECODE: True}
+    save_checkpoint(tmp_path / "best.pt", net)
+    images = indexing.candidates(str(SAMPLE), "folder").images.groupby("label").head(2).head(8).reset_index(drop=True)
+    indexing.build(str(tmp_path / "index"), net, images, IndexSpec(), batch_size=8)
+    query = images["uri"].iloc[5]
+    code, out, err = _invoke("search", query, "-k", "1", "--model", str(tmp_path / "best.pt"), "--index",
+                             str(tmp_path / "index"), "--json")
+    assert code == 0, err
+    (hit,) = json.loads(out)["queries"][0]["results"]
+    assert hit["uri"] == query and hit["score"] == pytest.approx(1.0, abs=1e-5)
+    indexed = embed_images(net, [query])[1][0]
+    fully_decoded = TorchDescriber(net).describe([load_rgb(query)])[0]
+    assert float(indexed @ fully_decoded) < 1 - 1e-4

@@ -93,3 +93,27 @@ def test_embedding_mid_training_leaves_every_module_in_its_mode(net, uris):
     embed_images(net, uris, batch_size=2)
     assert {name: m.training for name, m in net.named_modules()} == before
     net.eval()
+
+
+def test_a_draft_decode_model_describes_large_jpegs_nearly_as_a_full_decode(net, tmp_path):
+    """meta draft_decode: large JPEGs are decoded at reduced scale (not bit-identical to a full decode, but the same
+    picture); the digest that ties indexes to models tells the two apart; without the key nothing changes."""
+    from components.catalog.describe import model_digest
+    from components.data.images import DRAFT_DECODE
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        smooth = np.kron(rng.integers(0, 256, (30, 40, 3)), np.ones((20, 20, 1))).astype(np.uint8)  # 800x600
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(smooth).save(paths[-1], quality=90)
+    drafted = random_net()
+    drafted.meta = {**drafted.meta, DRAFT_DECODE: True}
+    _, full = embed_images(net, paths, batch_size=2)
+    _, draft = embed_images(drafted, paths, batch_size=2)
+    similarity = np.sum(full * draft, axis=1)
+    assert np.all(similarity > 0.99) and not np.allclose(full, draft, atol=1e-5)
+    assert model_digest(drafted) != model_digest(net)
+    unset = random_net()
+    unset.meta = {**unset.meta, DRAFT_DECODE: False}
+    assert model_digest(unset) == model_digest(net)

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from components.data.images import DRAFT_DECODE
 from components.app.http import IndexWriter, check_exposure, create_app, load_searcher, serve
 from components.catalog import indexing
 from components.catalog.store import SearchIndex, content_id
@@ -35,10 +36,11 @@ class Catalog:
     spare: pd.DataFrame  # images of one more class, not indexed
 
 
-def build_catalog(folder: Path, classes: int = 3, per_class: int = 8) -> Catalog:
+def build_catalog(folder: Path, classes: int = 3, per_class: int = 8, draft_decode: bool = False) -> Catalog:
     """An index of `per_class` committed sample images of each of the first `classes` classes, with ImageNet lite0
-    at 96 px saved as a checkpoint beside it."""
+    at 96 px saved as a checkpoint beside it (`draft_decode`: a model that decodes the 224-px JPEGs at 1/2 scale)."""
     net = RetrievalNet.create("tf_efficientnet_lite0", "gem", image_size=96, weights="imagenet").eval()
+    net.meta = {**net.meta, **({DRAFT_DECODE: True} if draft_decode else {})}
     save_checkpoint(folder / "model.pt", net)
     rows = [{"id": content_id(f.read_bytes()), "label": d.name, "uri": str(f)}
             for d in sorted(p for p in SAMPLE.iterdir() if p.is_dir())[:classes + 1]
@@ -280,3 +282,12 @@ def test_concurrent_searches_and_a_write_with_two_model_slots(catalog, tmp_path)
         found += [pool.submit(search, row) for row in rows[8:]]
         assert [f.result() for f in found] == [row.id for row in rows] and added.result() == 200
     assert search(new) == new.id
+
+
+def test_an_upload_is_decoded_as_the_index_images_were(tmp_path):
+    """With a draft-decode model a database image uploaded scores 1.0 with itself: the upload was decoded at the
+    reduced scale its indexed copy was."""
+    catalog = build_catalog(tmp_path, classes=2, per_class=4, draft_decode=True)
+    data = Path(catalog.images.uri.iloc[2]).read_bytes()
+    hit = client(catalog.location, catalog.checkpoint).post("/search", **upload(data, k=1)).json()["results"][0]
+    assert hit["id"] == catalog.images.id.iloc[2] and hit["score"] == pytest.approx(1.0, abs=1e-5)

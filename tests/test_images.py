@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -260,3 +261,46 @@ def test_s3_objects_over_the_byte_cap_are_quarantined_unread(s3_env, tmp_path: P
         {"file": "s3://raw/cat/big.png", "reason": "file too large: 2.0 MiB > ingest.max_file_bytes 1.0 MiB"}]
     assert result.manifest[["uri", "width", "height", "bytes"]].values.tolist() == [
         ["s3://raw/cat/ok.png", 40, 30, (tmp_path / "ok.png").stat().st_size]]
+
+
+def _photo(path: Path, size: tuple[int, int], fmt: str = "JPEG", exif: Image.Exif | None = None) -> Path:
+    """A smooth gradient picture with some structure (what a camera's JPEG holds), saved as `fmt`."""
+    w, h = size
+    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+    rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(12 * x + 7 * y)], axis=-1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(path, format=fmt, quality=92,
+                                                       **({"exif": exif} if exif is not None else {}))
+    return path
+
+
+@pytest.mark.parametrize(("side", "expected"), [(100, (125, 75)), (224, (250, 150)), (500, (500, 300)),
+                                                 (501, (1000, 600)), (None, (1000, 600))])
+def test_a_jpeg_is_draft_decoded_to_the_smallest_scale_that_keeps_the_side(tmp_path: Path, side, expected) -> None:
+    """1000x600: 1/8 gives 125, 1/4 250, 1/2 500 on the longer side; the smallest one still >= side is decoded."""
+    path = _photo(tmp_path / "big.jpg", (1000, 600))
+    image = load_rgb(path, draft_side=side)
+    assert image.size == expected and image.mode == "RGB"
+    assert images.decode_rgb(path.read_bytes(), draft_side=side).size == expected
+
+
+def test_draft_decoding_keeps_the_picture_and_its_orientation(tmp_path: Path) -> None:
+    """The reduced decode, resized, is the full decode resized (within JPEG's own error); a portrait EXIF photo
+    stays portrait; a PNG is always decoded whole."""
+    path = _photo(tmp_path / "big.jpg", (1000, 600))
+    full = np.asarray(load_rgb(path).resize((200, 120), Image.Resampling.BILINEAR), dtype=np.float64)
+    draft = np.asarray(load_rgb(path, draft_side=200).resize((200, 120), Image.Resampling.BILINEAR), dtype=np.float64)
+    assert np.abs(full - draft).mean() < 2.0
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert load_rgb(_photo(tmp_path / "portrait.jpg", (1000, 600), exif=exif), draft_side=224).size == (150, 250)
+    assert load_rgb(_photo(tmp_path / "big.png", (1000, 600), fmt="PNG"), draft_side=224).size == (1000, 600)
+
+
+def test_the_draft_side_is_the_largest_described_side_and_only_when_the_model_says() -> None:
+    meta = {"image_size": 200, "scales": [1.0, 0.5], images.DRAFT_DECODE: True}
+    assert images.decode_side(meta) == 200
+    assert images.decode_side(meta, image_size=300, scales=[0.5, 1.5]) == 450
+    assert images.decode_side({**meta, "object_crop": {"threshold": 0.3, "margin": 0.1}}) is None  # crops need pixels
+    assert images.decode_side(meta, object_cropped=True) is None
+    assert images.decode_side({"image_size": 200}) is None  # older models: a full decode, as their indexes were made

@@ -42,7 +42,7 @@ from components.catalog.model import load_model
 from components.catalog.searcher import Searcher
 from components.catalog.store import FAISS_ID, AddReport, CatalogError, SearchIndex, content_id
 from components.data.contract import ID, LABEL, URI
-from components.data.images import BadImage, decode_rgb
+from components.data.images import BadImage, decode_rgb, decode_side
 from components.errors import DataError, FiresightError
 from components.storage import StorageError, atomic_write_path, is_remote, read_bytes
 
@@ -245,8 +245,8 @@ class _Service:
 
     def decode(self, data: bytes, what: str = "image") -> Image.Image:
         try:
-            with self.decoding:
-                return decode_rgb(data, self.max_pixels)
+            with self.decoding:  # decoded as the index's images were: the model's meta says how
+                return decode_rgb(data, self.max_pixels, draft_side=decode_side(self.searcher.describer.meta))
         except BadImage as e:
             raise HTTPException(422, f"{what}: {e.reason}") from None
 
@@ -280,7 +280,7 @@ class _Service:
             raise HTTPException(404, f"no image with faiss id {faiss_id} in the index")
         uri = index.entries[URI].iat[row]
         try:
-            image = decode_rgb(read_bytes(uri), self.max_pixels)
+            image = decode_rgb(read_bytes(uri), self.max_pixels, draft_side=THUMBNAIL_SIDE)
         except StorageError as e:
             log.warning("thumbnail %d: %s", faiss_id, e)
             raise HTTPException(503, "the image store is unavailable; try again later") from None

@@ -14,7 +14,7 @@ from PIL import Image
 DIGEST_KEY = "weights_sha256"
 # the meta fields that, with the weights, decide a descriptor: the same weights at another resolution are another space
 _DESCRIPTOR_META = ("arch", "pooling", "gem_p", "image_size", "scales", "mean", "std", "whitening_dim")
-_DESCRIPTOR_META_IF_SET = ("pooling_args", "object_crop")  # hashed only when set: older digests stay what they were
+_DESCRIPTOR_META_IF_SET = ("pooling_args", "object_crop", "draft_decode")  # hashed only when set: older digests stay what they were
 
 
 class Describer(Protocol):

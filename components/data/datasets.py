@@ -11,19 +11,21 @@ from components.data.images import load_rgb
 
 
 class ImageDataset(Dataset):
-    """Item i: (RGB image, label index, i)."""
+    """Item i: (RGB image, label index, i); `draft_side`: JPEGs may be decoded at reduced scale down to this longer
+    side (`load_rgb`)."""
 
-    def __init__(self, uris: Sequence[str], labels: Sequence[int]) -> None:
+    def __init__(self, uris: Sequence[str], labels: Sequence[int], draft_side: int | None = None) -> None:
         if len(uris) != len(labels):
             raise ValueError(f"{len(uris)} uris but {len(labels)} labels")
         self.uris = list(uris)
         self.labels = [int(x) for x in labels]
+        self.draft_side = draft_side
 
     def __len__(self) -> int:
         return len(self.uris)
 
     def __getitem__(self, i: int):
-        return load_rgb(self.uris[i]), self.labels[i], i
+        return load_rgb(self.uris[i], draft_side=self.draft_side), self.labels[i], i
 
 
 class PairDataset(Dataset):

@@ -2,7 +2,10 @@
 indexing and evaluation load with it — so every stage sees the same upright pixels.
 
 Decoding opens the header, refuses more than `max_pixels` before any pixel is decoded, loads every pixel, applies
-the EXIF orientation (the displayed image, not the stored one) and converts to 8-bit RGB. Ingest reads a file only
+the EXIF orientation (the displayed image, not the stored one) and converts to 8-bit RGB. Given `draft_side` (the
+longer side the caller will resize to), a JPEG larger than twice that is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+DCT scaling, PIL draft mode) — as long as its longer side stays at least `draft_side` — which costs a fraction of a
+full decode. Ingest reads a file only
 after its size passed the byte cap, and a file longer than `SNIFF_BYTES` has its header checked before the rest
 is read.
 """
@@ -10,10 +13,11 @@ is read.
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,20 @@ from components.storage import is_remote, open_input, s3_errors, s3_filesystem
 
 SNIFF_BYTES = 64 * 2**10  # head read first: enough for the header of common formats
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+DRAFT_DECODE = "draft_decode"  # meta key: a net's JPEGs may be decoded at reduced scale (`decode_side`)
+
+
+def decode_side(meta: dict, image_size: int | None = None, scales: Sequence[float] | None = None,
+                object_cropped: bool | None = None) -> int | None:
+    """The longer side a JPEG may be draft-decoded down to before it is described with `meta` at `image_size`,
+    `scales` and `object_cropped` (defaults: as the meta says): the largest scale's side; None (a full decode) unless
+    meta[DRAFT_DECODE], or when images are object-cropped (the crop keeps only part of the decoded pixels)."""
+    if object_cropped is None:
+        object_cropped = bool(meta.get("object_crop"))
+    if not meta.get(DRAFT_DECODE) or object_cropped:
+        return None
+    size = image_size or meta["image_size"]
+    return max(round(s * size) for s in (meta.get("scales", [1.0]) if scales is None else scales))
 
 
 class BadImage(DataError):
@@ -60,30 +78,32 @@ def probe_image(uri: Path | str, *, min_side: int, max_bytes: int, max_pixels: i
     return data, ImageInfo(width=width, height=height, format=fmt)
 
 
-def load_rgb(uri: Path | str, max_pixels: int | None = None) -> Image.Image:
+def load_rgb(uri: Path | str, max_pixels: int | None = None, *, draft_side: int | None = None) -> Image.Image:
     """Load a local or s3:// image upright as 8-bit RGB (alpha composited on white, 16-bit and float scaled to
     8 bits). `max_pixels`: refuse larger images (None: the manifest's images passed ingest's cap; PIL's
-    decompression-bomb check always applies). Raises `DataError` naming the file if it cannot be used,
-    `StorageError` if its endpoint fails."""
+    decompression-bomb check always applies). `draft_side`: a JPEG may be decoded at reduced scale down to this
+    longer side. Raises `DataError` naming the file if it cannot be used, `StorageError` if its endpoint fails."""
     try:
         with open_input(uri) as f:
-            return _decode(f, max_pixels)[0]
+            return _decode(f, max_pixels, draft_side)[0]
     except BadImage as e:
         raise DataError(f"{uri}: cannot read image: {e.reason}") from None
     except OSError as e:
         raise DataError(f"{uri}: cannot read image: {e.strerror or e}") from None
 
 
-def decode_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
+def decode_rgb(data: bytes, max_pixels: int | None = None, *, draft_side: int | None = None) -> Image.Image:
     """Decode in-memory image bytes (an upload) as `load_rgb` decodes a file; `BadImage` with the reason if they are
     not a usable image or have more than `max_pixels`."""
-    return _decode(io.BytesIO(data), max_pixels)[0]
+    return _decode(io.BytesIO(data), max_pixels, draft_side)[0]
 
 
-def _decode(source: IO[bytes], max_pixels: int | None) -> tuple[Image.Image, str]:
+def _decode(source: IO[bytes], max_pixels: int | None, draft_side: int | None = None) -> tuple[Image.Image, str]:
     """The upright 8-bit RGB image in `source` and its format; `BadImage` if it is not a usable image."""
     try:
         with _open_checked(source, max_pixels) as im:
+            if draft_side is not None and im.format == "JPEG":
+                _draft(im, draft_side)
             im.load()
             ImageOps.exif_transpose(im, in_place=True)
             return _to_rgb(im), im.format or "unknown"
@@ -95,6 +115,14 @@ def _decode(source: IO[bytes], max_pixels: int | None) -> tuple[Image.Image, str
         raise BadImage("not an image (cannot identify format)") from None
     except Exception as e:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, struct.error, ...)
         raise BadImage(f"truncated or corrupt: {str(e) or type(e).__name__}") from None
+
+
+def _draft(im: Image.Image, side: int) -> None:
+    """Set a JPEG's decoder to the smallest DCT scale (1/2, 1/4, 1/8) whose longer side is still >= `side`."""
+    width, height = im.size
+    shrink = side / max(width, height)
+    if shrink <= 0.5:  # PIL picks the largest scale factor that keeps the image at least the requested size
+        im.draft(None, (math.ceil(width * shrink), math.ceil(height * shrink)))
 
 
 def _open_checked(source: IO[bytes], max_pixels: int | None) -> Image.Image:

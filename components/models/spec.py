@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.data.images import DRAFT_DECODE
 from components.models.net import RetrievalNet, load_net
 
 
@@ -21,6 +22,7 @@ class NetSpec:
     frozen_stages: int
     init_checkpoint: str | None = None
     pooling_args: Mapping[str, Any] | None = None  # the pooling's args (None: a plain pooling, MAC/SPoC/GeM/R-MAC)
+    draft_decode: bool = False  # its images may be JPEG-decoded at reduced scale (components.data.transforms)
 
     def build(self) -> RetrievalNet:
         """From `init_checkpoint` (its own pooling, as its meta says), else a new net of this arch and pooling."""
@@ -30,5 +32,8 @@ class NetSpec:
         else:
             net = RetrievalNet.create(self.arch, self.pooling, self.image_size, self.weights, self.gem_p,
                                       dict(self.pooling_args) if self.pooling_args else None)
+        net.meta = {k: v for k, v in net.meta.items() if k != DRAFT_DECODE}  # a checkpoint's setting is replaced
+        if self.draft_decode:
+            net.meta[DRAFT_DECODE] = True
         net.freeze(self.frozen_stages)
         return net

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from components.data.datasets import ImageDataset
+from components.data.images import decode_side
 from components.data.transforms import BatchTransform
 from components.models.localise import ObjectCrop, cropped, object_crop_of
 from components.models.net import RetrievalNet
@@ -36,11 +37,12 @@ def embed_images(
     every s in `scales` and d = L2(Σ_s d_s), then the net's whitening (`RetrievalNet.describe`;
     cnnimageretrieval-pytorch averages: the same after L2). scales None: the net's meta["scales"], else (1.0,).
     Object crops (components.models.localise): `object_crop`, else the net's meta["object_crop"], crops each image
-    to its activation box (found at S) before it is described.
+    to its activation box (found at S) before it is described. JPEGs are draft-decoded as the meta says
+    (`decode_side`).
     """
     transforms = BatchTransform.for_scales(net.meta, image_size, scales)
     crop = object_crop or object_crop_of(net.meta)
-    dataset = ImageDataset(uris, [0] * len(uris))
+    dataset = ImageDataset(uris, [0] * len(uris), decode_side(net.meta, image_size, scales, crop is not None))
     if indices is not None:
         dataset = Subset(dataset, list(indices))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=list)  # images decoded once
