@@ -199,11 +199,30 @@ def _shards(s: dict) -> str:
             table(["index", "train sample", "build (s)", "builder's peak heap growth (MiB)", "index size (MiB)", "load avg"],
                   [(k["factory"], k["train_sample"], k["build"]["wall_seconds"], k["build"]["peak_anonymous_mib_growth"],
                     k["index_mib"], _load(k["build"])) for k in db["kinds"]]),
-            table(["index", "nprobe", "queries/s (batch)", "recall@10"],
-                  [(k["factory"], p["nprobe"], p["queries_per_s"], p["recall_at_10"]) for k in db["kinds"] for p in k["sweep"]]),
+            table(["index", "nprobe", "re-scored candidates", "queries/s (batch)", "recall@10"],
+                  [(k["factory"], p["nprobe"], p.get("refine") or "–", p["queries_per_s"], p["recall_at_10"])
+                   for k in db["kinds"] for p in k["sweep"]]),
         ]
     return "\n\n".join(parts)
 
 
-RENDERERS: dict[str, Callable[[dict], str]] = {"extract": _extract, "train": _train, "ray": _ray, "search": _search,
+def _decode(s: dict) -> str:
+    if "skipped" in s:
+        return f"Skipped: {s['skipped']}."
+    img, mdl = s["images"], s["model"]
+    return "\n\n".join([
+        f"{img['count']} JPEGs of {img['source']} (mean {img['mean_size'][0]} × {img['mean_size'][1]}) and "
+        f"{img['phones']} phone-sized copies; described at {mdl['image_size']} px, so decoded down to a longer side "
+        f"≥ {mdl['draft_side']}; batch {mdl['batch_size']}, {mdl['threads']} torch threads.",
+        table(["images", "full decode (ms/image)", "draft decode (ms/image)", "speed-up"],
+              [(name, d["ms_per_image"]["full"], d["ms_per_image"]["draft"], d["speedup"])
+               for name, d in s["decode"].items()]),
+        f"Embedding the {img['phones']} phone-sized copies:",
+        table(["path", "images/s (median)", "rounds", "ratio vs bare", "load avg"],
+              [(name, r["rate"], ", ".join(f"{x:.1f}" for x in r["rates"]), s["ratios"].get(name, ""), _load(r))
+               for name, r in s["embedding"].items()]),
+    ])
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {"extract": _extract, "decode": _decode, "train": _train, "ray": _ray, "search": _search,
                                                 "shards": _shards, "pipeline": _pipeline, "accuracy": _accuracy}

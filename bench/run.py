@@ -16,13 +16,13 @@ from typing import Any
 import psutil
 import typer
 
-from bench import accuracy, extract, pipeline, ray_overhead, search, shards, train
+from bench import accuracy, decode, extract, pipeline, ray_overhead, search, shards, train
 from bench.measure import load_average, now
 from bench.report import render
 from pipelines.common import git_commit
 
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
-    "extract": extract.run, "train": train.run, "ray": ray_overhead.run, "search": search.run, "shards": shards.run,
+    "extract": extract.run, "decode": decode.run, "train": train.run, "ray": ray_overhead.run, "search": search.run, "shards": shards.run,
     "pipeline": pipeline.run, "accuracy": accuracy.run,
 }
 RESULTS_DIR = Path("bench/results")

@@ -1,6 +1,7 @@
 """Shard-wise index builds (`components.search.index.build_index_from_shards`) from descriptor files on disk, as a
 database that outgrows memory is built: build time, the builder's peak anonymous memory (heap, not the file pages
-the memory-mapped shards bring in, which the kernel can drop), recall@10 against exact search and queries/s.
+the memory-mapped shards bring in, which the kernel can drop), recall@10 against exact search and queries/s; for
+IVF-PQ also with its shortlist re-scored exactly against the memory-mapped shards (`refined_search`).
 
 Descriptors: the search benchmark's clustered synthetic model fitted to real descriptors of the dataset (the
 larger size in a PCA-reduced space: 10M full-width descriptors would take 48 GiB), written as .npy shards of
@@ -26,11 +27,12 @@ import numpy as np
 from bench.data import real_images
 from bench.descriptors import ClusteredDescriptors, real_descriptors
 from bench.measure import measured
-from components.search.index import IndexSpec, build_index_from_shards, search, set_search_parameters
+from components.search.index import IndexSpec, build_index_from_shards, refined_search, search, set_search_parameters
 from pipelines.params import load_params
 
 K = 10
 SEED = 0
+REFINES = (100, 400)  # IVF-PQ: candidates per query re-scored against the shards
 SIZES = {  # databases: (rows, dimension, the index specs built)
     "quick": {"real_images": 600, "queries": 200, "nprobe": (1, 4, 16, 64), "shard_mib": 8,
               "databases": [(100_000, 128, [IndexSpec("ivfflat", nlist=256, nprobe=16),
@@ -65,9 +67,14 @@ def run(mode: str) -> dict[str, Any]:
                 with measured() as build, peak_anonymous_memory() as memory:
                     index = build_index_from_shards(loaders, spec)
                 build["peak_anonymous_mib_growth"] = memory["peak_growth_mib"]
+                sweep = _sweep(index, spec, queries, exact, size["nprobe"])
+                if spec.kind == "ivfpq":
+                    rows = _shard_rows(paths, shard_rows)
+                    sweep += [p for refine in REFINES
+                              for p in _sweep(index, spec, queries, exact, size["nprobe"], rows, refine)]
                 entry["kinds"].append({"factory": spec.factory(), "train_sample": spec.train_sample, "build": build,
                                        "index_mib": round(faiss.serialize_index(index).nbytes / 2**20, 1),
-                                       "sweep": _sweep(index, spec, queries, exact, size["nprobe"])})
+                                       "sweep": sweep})
                 del index
                 gc.collect()
             out["databases"].append(entry)
@@ -116,15 +123,31 @@ def _exact_neighbours(paths: list[Path], queries: np.ndarray) -> np.ndarray:
     return heap.I
 
 
-def _sweep(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, exact: np.ndarray, nprobes) -> list[dict]:
+def _shard_rows(paths: list[Path], shard_rows: int):
+    """rows(ids) of the database in memory-mapped shards of `shard_rows` rows (the last may be shorter)."""
+    shards = [np.load(p, mmap_mode="r") for p in paths]
+
+    def rows(ids: np.ndarray) -> np.ndarray:
+        return np.concatenate([shards[s][ids[ids // shard_rows == s] % shard_rows] for s in np.unique(ids // shard_rows)])
+
+    return rows
+
+
+def _sweep(index: faiss.Index, spec: IndexSpec, queries: np.ndarray, exact: np.ndarray, nprobes, rows=None,
+           refine: int = 0) -> list[dict]:
+    """recall@10 and queries/s at each nprobe; with `rows` the shortlist of `refine` candidates re-scored."""
+    def run(q: np.ndarray) -> np.ndarray:
+        return refined_search(index, q, K, refine, rows)[1] if refine else search(index, q, K)[1]
+
     points = []
     for nprobe in nprobes:
         set_search_parameters(index, replace(spec, nprobe=nprobe))
-        search(index, queries[:10], K)  # warm-up
+        run(queries[:10])  # warm-up
         with measured() as record:
-            _, found = search(index, queries, K)
+            found = run(queries)
         hits = [len(np.intersect1d(f[f >= 0], e)) for f, e in zip(found, exact, strict=True)]
-        points.append({"nprobe": nprobe, "queries_per_s": round(len(queries) / record["wall_seconds"], 1),
+        points.append({"nprobe": nprobe, "refine": refine,
+                       "queries_per_s": round(len(queries) / record["wall_seconds"], 1),
                        "recall_at_10": round(float(np.mean(hits)) / K, 4), **record})
     set_search_parameters(index, spec)
     return points

@@ -49,7 +49,8 @@ def describer(params: Params) -> indexing.Describe:
 
 
 def index_spec(p: IndexParams) -> IndexSpec:
-    return IndexSpec(p.kind, p.hnsw_m, p.ef_construction, p.ef_search, p.nlist, p.pq_m, p.nprobe, p.train_sample)
+    return IndexSpec(p.kind, p.hnsw_m, p.ef_construction, p.ef_search, p.nlist, p.pq_m, p.nprobe, p.train_sample,
+                     p.refine)
 
 
 if __name__ == "__main__":

@@ -493,6 +493,7 @@ class IndexParams(_Section):
     pq_m: int = Field(ge=1, le=1024, description="ivfpq: bytes per code (must divide the descriptor dimension)")
     nprobe: int = Field(ge=1, le=10**7, description="ivfflat/ivfpq: cells searched per query")
     train_sample: int = Field(ge=1, le=10**8, description="ivfflat/ivfpq: rows the quantisers are trained on")
+    refine: int = Field(ge=0, le=10**5, description="ivfpq: candidates per query re-scored exactly (0: off)")
 
 
 Neighbours = Annotated[int, Field(ge=0, le=10**4)]

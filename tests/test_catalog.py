@@ -3,6 +3,8 @@ readable and the write can be rerun), refusal to mix models, DBA for added items
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -182,3 +184,22 @@ def test_s3_index_round_trip(s3_env, built):
     assert Searcher(opened, VectorDescriber(_meta())).search([x[9]], k=1)[0][0].faiss_id == 9
     assert s3_filesystem().ls("catalog-test/index", detail=False) == ["catalog-test/index/CURRENT",
                                                                     "catalog-test/index/g000002"]
+
+
+def test_ivfpq_with_refine_ranks_by_the_descriptors(tmp_path):
+    """`refine`: the codes shortlist candidates, the stored descriptors score them: hits carry exact scores, in
+    the exact order; without it the scores are the codes' approximations."""
+    rng = np.random.default_rng(6)
+    x = _unit(rng, 300)
+    spec = IndexSpec("ivfpq", nlist=4, pq_m=2, nprobe=4)
+    for refine in (0, 50):
+        index = SearchIndex.build(str(tmp_path / f"r{refine}"), x, _images(0, 300), model_identity(_meta()),
+                                  dataclasses.replace(spec, refine=refine))
+        hits = Searcher(SearchIndex.open(tmp_path / f"r{refine}"), VectorDescriber(_meta())).search([x[7]], k=5)[0]
+        exact = x[[h.faiss_id for h in hits]] @ x[7]
+        scores = np.array([h.score for h in hits])
+        if refine:
+            np.testing.assert_allclose(scores, exact, atol=1e-5)
+            assert hits[0].faiss_id == 7 and np.all(np.diff(scores) <= 0)
+        else:
+            assert np.abs(scores - exact).max() > 1e-3

@@ -12,6 +12,7 @@ from components.catalog.describe import Describer
 from components.catalog.store import FAISS_ID, SearchIndex
 from components.data.contract import ID, LABEL, URI
 from components.errors import FiresightError
+from components.search.index import IndexSpec, refined_search
 from components.search.postprocess import _normalise, _weighted_sum
 from components.search.rerank import k_reciprocal_distances
 
@@ -83,7 +84,13 @@ class Searcher:
             neighbours = self._searched_vectors(ids)
             q = _normalise(q + _weighted_sum(scores, np.arange(ids.size).reshape(ids.shape), neighbours,
                                              reranking.qe_alpha), fallback=q)
-        scores, ids = self.index.faiss_index.search(np.ascontiguousarray(q, dtype=np.float32), min(k, n))
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        spec = IndexSpec(**self.index.info["spec"])
+        if spec.kind == "ivfpq" and spec.refine:  # codes shortlist, the model's descriptors rank (as QE lends them)
+            scores, ids = refined_search(self.index.faiss_index, q, min(k, n), spec.refine,
+                                         lambda faiss_ids: self.index.descriptors[self.index.rows_of(faiss_ids)])
+        else:
+            scores, ids = self.index.faiss_index.search(q, min(k, n))
         return self.index.rows_of(ids), scores
 
     def _searched_vectors(self, ids: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Cosine-similarity search over L2-normalised float32 descriptors with faiss: exact (flat, the default) or
 approximate (an HNSW graph; an inverted file of exact vectors, IVF-Flat, or of product-quantised codes, IVF-PQ).
 An index is built shard by shard: only one shard and the quantiser's training sample are ever in memory, so a
-database of memory-mapped descriptor files larger than RAM can be indexed with IVF-PQ."""
+database of memory-mapped descriptor files larger than RAM can be indexed with IVF-PQ, whose coarse codes can be
+re-scored exactly against those files at search time (`refined_search`)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class IndexSpec:
     `ef_search`. ivfflat / ivfpq: `nlist` k-means cells (of exact vectors / of `pq_m`-byte product-quantised codes),
     `nprobe` cells searched; the quantisers are trained on `train_sample` rows drawn evenly from every shard.
     auto: `for_size` picks flat, hnsw or ivfpq by the database's size. The search parameters are stored in the index
-    file.
+    file. `refine` (ivfpq): candidates per query re-scored exactly against the stored vectors (0: the codes' scores).
     """
 
     kind: Literal["auto", "flat", "hnsw", "ivfflat", "ivfpq"] = "flat"
@@ -69,6 +70,7 @@ class IndexSpec:
     pq_m: int = 32
     nprobe: int = 16
     train_sample: int = 262_144
+    refine: int = 0
 
     def factory(self) -> str:
         """The faiss.index_factory string."""
@@ -100,6 +102,8 @@ class IndexSpec:
 
 _PQ_CENTROIDS = 256  # 8-bit codes: each sub-quantiser is trained with k-means into 256 centroids
 Shard = Callable[[], npt.ArrayLike]  # loads one shard's rows, e.g. `lambda: np.load(path, mmap_mode="r")`
+Rows = Callable[[np.ndarray], npt.ArrayLike]  # the database vectors of sorted unique ids, e.g. rows of memory-mapped shards
+_REFINE_QUERIES = 64  # queries re-scored at a time: 64 x candidates x dim floats
 
 
 def new_index(spec: IndexSpec, dim: int, with_ids: bool = False) -> faiss.Index:
@@ -222,3 +226,28 @@ def l2_distance_from_ip(scores: npt.ArrayLike) -> npt.NDArray[np.float32]:
     """Euclidean distance of unit vectors from their inner product: sqrt(max(0, 2 - 2*s))."""
     s = np.asarray(scores, dtype=np.float32)
     return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * s)).astype(np.float32)
+
+
+def refined_search(index: faiss.Index, queries: npt.ArrayLike, k: int, candidates: int,
+                   rows: Rows) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """`search`'s answer with the approximate index's top `candidates` (at least k) per query re-scored by the exact
+    inner product with their vectors (`rows` of the ids found; each id fetched once per chunk of queries, in order,
+    so memory-mapped shards are read sequentially) and the best k kept; ids −1 where fewer were found."""
+    q = _check_unit_rows(queries, "queries")
+    k = min(int(k), index.ntotal)
+    _, found = search(index, q, max(int(candidates), k))
+    scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(q), k), -1, dtype=np.int64)
+    for start in range(0, len(q), _REFINE_QUERIES):
+        chunk = found[start:start + _REFINE_QUERIES]
+        unique, where = np.unique(chunk, return_inverse=True)
+        valid = unique >= 0
+        vectors = np.zeros((len(unique), q.shape[1]), dtype=np.float32)
+        vectors[valid] = np.asarray(rows(unique[valid]), dtype=np.float32)
+        exact = np.einsum("qcd,qd->qc", vectors[where.reshape(chunk.shape)], q[start:start + _REFINE_QUERIES])
+        exact[chunk < 0] = -np.inf
+        best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores[start:start + len(chunk)] = np.take_along_axis(exact, best, axis=1)
+        ids[start:start + len(chunk)] = np.where(np.isfinite(scores[start:start + len(chunk)]),
+                                                 np.take_along_axis(chunk, best, axis=1), -1)
+    return scores, ids
