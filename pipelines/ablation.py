@@ -33,7 +33,8 @@ from components.models.net import RetrievalNet, load_net
 from components.storage import atomic_write_path, write_json
 from components.training.context import BEST_MODEL_FILE
 from components.training.retrieval import train_retrieval
-from pipelines.common import git_commit, load_splits, off_the_shelf, stopwatch, test_scores, train_logged
+from pipelines.common import git_commit, load_splits, off_the_shelf, stopwatch, train_logged
+from pipelines.embedding import test_scores
 from pipelines.params import DEFAULT_PARAMS, Params, load_params, with_overrides
 from pipelines.paths import CLASSIFY_DIR
 from pipelines.postprocess import search_model

@@ -19,11 +19,8 @@ from components.distributed import Cluster, gpu_available, run_training
 from components.data.contract import LABEL, ROLE, URI, Role, Splits, check_splits
 from components.errors import FiresightError, WeightsError
 from components.models.backbones import packaged_imagenet_file
-from components.evaluation.protocol import Figures, Scores, score_test
 from components.models.net import RetrievalNet, read_checkpoint
 from components.models.spec import NetSpec
-from components.search.embed import embed_images
-from components.search.postprocess import reranking_of
 from components.storage import is_remote, read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE, HISTORY_FILE
 from components.training.fit import initialise_pooling
@@ -127,23 +124,6 @@ def train_logged(loop: Callable, job: Any, name: str, params: Params, model_dir:
     history = json.loads((model_dir / HISTORY_FILE).read_text())
     tracking.log_history(history)
     return history, max(history, key=lambda h: h[select])
-
-
-def embed_test(net: RetrievalNet, splits: Splits, params: Params, desc: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """The test queries' and the test database's descriptors (`Splits` order), embedded as `net`'s meta says (a search
-    model's resolution and scales, else model.image_size)."""
-    return tuple(embed_images(net, rows[URI].tolist(), batch_size=params.index.batch_size, progress=True,
-                              desc=f"{desc}: {name}")[1]
-                 for name, rows in (("queries", splits.test_queries()), ("database", splits.test_database())))
-
-
-def test_scores(net: RetrievalNet, splits: Splits, params: Params, desc: str = "test",
-                descriptors: tuple[np.ndarray, np.ndarray] | None = None) -> Scores:
-    """Both test protocols for `net`, ranked with its meta's reranking: per-query scores, for CIs. `descriptors`:
-    the (queries, database) descriptors when they are at hand (else `embed_test`)."""
-    q_desc, db_desc = descriptors if descriptors is not None else embed_test(net, splits, params, desc)
-    return score_test(q_desc, splits.test_queries()[LABEL], db_desc, splits.test_database()[LABEL],
-                      reranking_of(net.meta), Figures(params.evaluate.cmc_ranks, params.evaluate.recall_ks))
 
 
 def train_and_track(stage: str, loop: Callable, job: Any, params: Params, model_dir: Path, select: str,

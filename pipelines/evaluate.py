@@ -24,13 +24,12 @@ from components.evaluation.metrics import distance_summary, pair_distances
 from components.evaluation.plots import plot_distance_histograms
 from components.models.localise import object_boxes, object_crop_of
 from components.models.net import load_net
-from components.search.embed import embed_images
 from components.search.postprocess import reranking_of
 from components.storage import read_parquet, write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
-from pipelines.common import (embed_test, git_commit, load_splits, manifest_digest, off_the_shelf, params_dict, stopwatch,
-                              test_scores)
+from pipelines.common import git_commit, load_splits, manifest_digest, off_the_shelf, params_dict, stopwatch
+from pipelines.embedding import embed_all, embed_test, test_scores
 from pipelines.params import Params
 from pipelines.paths import (GALLERY, INDEX_DIR, MANIFEST, METRICS_FILE, OFF_THE_SHELF_DIR, PLOTS_DIR, RETRIEVAL_DIR,
                              SEARCH_DIR)
@@ -61,8 +60,7 @@ def main(params: Params) -> None:
     with stopwatch() as timing:
         search_net = load_net(SEARCH_DIR / BEST_MODEL_FILE)
         index.check_model({DIGEST_KEY: model_digest(search_net)})
-        query_desc = embed_images(search_net, queries[URI].tolist(), batch_size=params.index.batch_size, progress=True,
-                                  desc=f"{FULL}: queries")[1]
+        query_desc = embed_all(search_net, queries[URI].tolist(), params, f"{FULL}: test queries")
         descriptors = {FULL: (query_desc, index.descriptors)}  # the database as indexed
         nets = {"off-the-shelf": off_the_shelf(params, splits),  # the same architecture, never trained here
                 "off-the-shelf + free wins": load_net(OFF_THE_SHELF_DIR / BEST_MODEL_FILE),

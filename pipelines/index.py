@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 
 from components.catalog import indexing
-from components.distributed import ensure_ray, gpu_available
 from components.models.net import load_net
 from components.search.index import IndexSpec
-from components.search.ray_embed import ray_describer
 from components.storage import write_json
 from components.training.context import BEST_MODEL_FILE
 from pipelines._runner import run_stage
 from pipelines.common import load_splits, stopwatch
+from pipelines.embedding import database_describer
 from pipelines.params import IndexParams, Params
 from pipelines.paths import INDEX_DIR, METRICS_DIR, SEARCH_DIR
 
@@ -28,7 +27,7 @@ def main(params: Params) -> None:
         net = load_net(SEARCH_DIR / BEST_MODEL_FILE)
         db = load_splits().test_database()
         built = indexing.build(str(INDEX_DIR), net, db, index_spec(params.index), params.index.batch_size,
-                               describe=describer(params))
+                               describe=database_describer(params))
     index, kind = built.index, built.index.info["spec"]["kind"]
     for bad in built.undescribed:
         log.warning("not indexed: %s: %s", bad["file"], bad["reason"])
@@ -37,15 +36,6 @@ def main(params: Params) -> None:
     write_json(METRICS_DIR / "index.json", {"images": int(index.info["count"]), "dim": int(index.model["dim"]),
                                             "kind": kind, "engine": params.index.engine,
                                             "undescribed": built.undescribed, **timing})
-
-
-def describer(params: Params) -> indexing.Describe:
-    """How the database is embedded: in this process, or on `index.actors` Ray Data actors."""
-    if params.index.engine == "local":
-        return indexing.describe_in_process
-    ensure_ray(params.ray.address)
-    return ray_describer(actors=params.index.actors, cpus_per_actor=params.ray.cpus_per_worker,
-                         use_gpu=gpu_available(params.ray.use_gpu))
 
 
 def index_spec(p: IndexParams) -> IndexSpec:
