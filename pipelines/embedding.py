@@ -29,7 +29,10 @@ def database_describer(params: Params) -> indexing.Describe:
 def embed_all(net: RetrievalNet, uris: list[str], params: Params, what: str) -> np.ndarray:
     """Descriptors of every one of `uris` (images that passed ingest), embedded as the index stage embeds; a
     DataError naming the images that could not be read."""
-    descriptors, errors = database_describer(params)(net, uris, params.index.batch_size)
+    try:
+        descriptors, errors = database_describer(params)(net, uris, params.index.batch_size)
+    except DataError as e:  # the in-process path stops at the first one
+        raise DataError(f"{what}: {e}") from None
     if errors:
         named = "; ".join(f"{uris[i]}: {why}" for i, why in sorted(errors.items())[:3])
         raise DataError(f"{what}: {len(errors)} image(s) could not be described ({named}"

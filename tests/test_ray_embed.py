@@ -83,3 +83,21 @@ def test_the_index_built_on_ray_leaves_out_and_names_an_unreadable_image(ray_loc
     assert index.entries["uri"].tolist() == [f for f in files if f != str(broken)]
     _, expected = embed_images(net, index.entries["uri"].tolist(), batch_size=4)
     assert np.abs(index.descriptors - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_a_stage_embedding_names_the_image_it_could_not_read(ray_local, net, uris, tmp_path, engine):
+    """The evaluate stage's embedding (`pipelines.embedding.embed_all`) on either engine: the in-order descriptors,
+    and for an image that cannot be read one error naming it, not a traceback or a silently shorter matrix."""
+    from components.errors import DataError
+    from pipelines.embedding import embed_all
+    from pipelines.params import load_params
+
+    params = load_params()
+    params = params.model_copy(update={"index": params.index.model_copy(update={"engine": engine, "batch_size": 4})})
+    _, expected = embed_images(net, uris[:6], batch_size=4)
+    assert np.abs(embed_all(net, uris[:6], params, "test images") - expected).max() <= 1e-5
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(DataError, match=r"test images: .*broken\.jpg"):
+        embed_all(net, uris[:3] + [str(broken)], params, "test images")
