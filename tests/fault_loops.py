@@ -58,12 +58,12 @@ def loop_killed_once(job: RetrievalJob, ctx) -> None:
 
         load_rgb, loads = datasets.load_rgb, itertools.count()
 
-        def load_then_die(uri):
+        def load_then_die(uri, *args, **kwargs):
             if recording.last_reported == KILL_IN_EPOCH - 1 and next(loads) == 2:
                 _wait_for_registered_checkpoint(folder / "ray", KILL_IN_EPOCH - 1)
                 marker.write_text(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGKILL)
-            return load_rgb(uri)
+            return load_rgb(uri, *args, **kwargs)
 
         datasets.load_rgb = load_then_die
     train_retrieval(job, recording)
