@@ -578,9 +578,12 @@ class Params(_Section):
             if self.model.frozen_stages < 1:
                 raise ValueError("retrieval.cache_frozen_trunk needs a frozen trunk: model.frozen_stages >= 1 "
                                  "(or set retrieval.cache_frozen_trunk: false)")
-            if isinstance(self.model.pooling, MultiLevelPooling):
-                raise ValueError("retrieval.cache_frozen_trunk: a multi-level pooling reads maps inside the trunk "
-                                 "(set retrieval.cache_frozen_trunk: false)")
+            last_frozen_block = self.model.frozen_stages - 2  # stage 0 is the stem, stage k block k - 1
+            if isinstance(self.model.pooling, MultiLevelPooling) and self.model.pooling.args.stages[0] < last_frozen_block:
+                raise ValueError(f"retrieval.cache_frozen_trunk: the multi-level pooling fuses block "
+                                 f"{self.model.pooling.args.stages[0]}, inside the frozen trunk (blocks 0-"
+                                 f"{last_frozen_block}): fuse blocks >= {last_frozen_block}, freeze fewer stages, or "
+                                 "set retrieval.cache_frozen_trunk: false")
         return self
 
     @model_validator(mode="after")

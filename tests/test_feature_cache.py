@@ -28,10 +28,15 @@ def data(tmp_path_factory):
     return tiny_retrieval_data(tmp_path_factory.mktemp("images"))
 
 
-@pytest.mark.parametrize("frozen_stages, blocks", [(1, 0), (4, 3), (7, 6)])
-def test_descriptors_from_the_trunk_equal_the_full_pass(data, frozen_stages, blocks):
+@pytest.mark.parametrize("frozen_stages, blocks, pooling", [
+    (1, 0, "gem"), (4, 3, "gem"), (7, 6, "gem"),
+    (4, 3, {"stages": [2, 4], "channels": 16, "pooling": "gem"}),  # block 2's map is the trunk itself
+    (2, 1, {"stages": [3, 5], "channels": 16, "pooling": "spoc"}),
+], ids=["gem-stem", "gem-3", "gem-6", "multi_level-trunk-fused", "multi_level-after-trunk"])
+def test_descriptors_from_the_trunk_equal_the_full_pass(data, frozen_stages, blocks, pooling):
     torch.manual_seed(0)
-    net = RetrievalNet.create("tf_efficientnet_lite0", "gem", 64, None).eval()
+    net = (RetrievalNet.create("tf_efficientnet_lite0", "gem", 64, None) if pooling == "gem" else
+           RetrievalNet.create("tf_efficientnet_lite0", "multi_level", 64, None, pooling_args=pooling)).eval()
     net.freeze(frozen_stages)
     train, _ = data
     images = BatchTransform.for_eval(net.meta)([(Image.open(u).convert("RGB"),) for u in train.uris[:4]])[0]
@@ -47,9 +52,9 @@ def test_no_trunk_to_cache_is_one_clear_error():
     with pytest.raises(ValueError, match="stem trains"):
         net.frozen_trunk()
     ml = RetrievalNet.create("tf_efficientnet_lite0", "multi_level", 64, None,
-                             pooling_args={"stages": [2, 4], "channels": 32, "pooling": "gem"})
+                             pooling_args={"stages": [1, 4], "channels": 32, "pooling": "gem"})
     ml.freeze(4)
-    with pytest.raises(ValueError, match="multi-level"):
+    with pytest.raises(ValueError, match="inside the frozen trunk of 3 blocks"):
         ml.frozen_trunk()
 
 
@@ -122,8 +127,9 @@ def test_pk_sampler_without_batches_draws_as_before():
     ({"retrieval": {"train_max_side": [160, 224]}}, "retrieval: cache_frozen_trunk trains at one size with flips only"),
     ({"retrieval": {"train_max_side": [224, 224], "rotation_degrees": 5}}, "rotation_degrees, color_jitter 0"),
     ({"model": {"frozen_stages": 0}}, "needs a frozen trunk: model.frozen_stages >= 1"),
-    ({"model": {"pooling": {"name": "multi_level", "args": {"stages": [4], "channels": 32, "pooling": "gem"}}}},
-     "a multi-level pooling reads maps inside the trunk (set retrieval.cache_frozen_trunk: false)"),
+    ({"model": {"frozen_stages": 4, "pooling": {"name": "multi_level", "args": {"stages": [1, 4], "channels": 32,
+                                                                             "pooling": "gem"}}}},
+     "fuses block 1, inside the frozen trunk (blocks 0-2): fuse blocks >= 2"),
 ])
 def test_params_refuse_what_the_trunk_cache_cannot_do_in_one_line(tmp_path, changes, message):
     path = tmp_path / "params.yaml"

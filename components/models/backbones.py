@@ -179,12 +179,21 @@ def forward_trunk(module: nn.Module, images: torch.Tensor, n_blocks: int) -> tor
     return x
 
 
-def forward_rest(module: nn.Module, trunk: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """`module.blocks[n_blocks:]`, then the head conv: `forward_features` from `forward_trunk`'s output on."""
+def forward_stages_from_trunk(module: nn.Module, trunk: torch.Tensor, n_blocks: int,
+                              stages: Sequence[int]) -> list[torch.Tensor]:
+    """`forward_stages` continued from `forward_trunk(images, n_blocks)`: each of `stages` must be a block at or after
+    the trunk's last one (n_blocks − 1, whose output is the trunk itself)."""
+    if any(i < n_blocks - 1 for i in stages):
+        raise ValueError(f"stages {list(stages)} lie inside a trunk of {n_blocks} blocks: their maps are not in it")
+    wanted = set(stages)
+    maps = [trunk] if n_blocks - 1 in wanted else []
     x = trunk
-    for block in module.blocks[n_blocks:]:
-        x = block(x)
-    return module.bn2(module.conv_head(x))
+    for i in range(n_blocks, len(module.blocks)):
+        x = module.blocks[i](x)
+        if i in wanted:
+            maps.append(x)
+    maps.append(module.bn2(module.conv_head(x)))
+    return maps
 
 
 def _check_staged(module: nn.Module, what: str) -> None:

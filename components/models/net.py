@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from components.errors import CheckpointError
-from components.models.backbones import (create_backbone, forward_rest, forward_stages, forward_trunk, freeze_stages,
-                                         frozen_blocks, stage_layout)
+from components.models.backbones import (create_backbone, forward_stages, forward_stages_from_trunk, forward_trunk,
+                                         freeze_stages, frozen_blocks, stage_layout)
 from components.models.pooling import is_multi_level, make_pooling
 from components.models.whitening import Whitening
 from components.storage import atomic_write_path
@@ -83,13 +83,14 @@ class RetrievalNet(nn.Module):
 
     def frozen_trunk(self) -> int:
         """How many backbone blocks (with the stem) are frozen: the trunk whose output `describe_from_trunk` continues
-        from (0: the stem alone); ValueError when nothing before the pooling is frozen, or for a multi-level pooling
-        (it reads maps inside the trunk)."""
+        from (0: the stem alone); ValueError when nothing before the pooling is frozen, or when a multi-level pooling
+        fuses a block inside the trunk (its map is not the trunk's output)."""
         n = frozen_blocks(self.backbone)
         if n < 0:
             raise ValueError("no frozen trunk: the backbone's stem trains (model.frozen_stages is 0)")
-        if self.pool.multi_level:
-            raise ValueError("a multi-level pooling reads the maps of several stages: it cannot start from a trunk")
+        if self.pool.multi_level and min(self.pool.stages) < n - 1:
+            raise ValueError(f"a multi-level pooling of blocks {list(self.pool.stages)} reads maps inside the frozen "
+                             f"trunk of {n} blocks: it can start from a trunk only if it fuses blocks >= {n - 1}")
         return n
 
     def trunk(self, images: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -98,7 +99,8 @@ class RetrievalNet(nn.Module):
 
     def describe_from_trunk(self, trunk: torch.Tensor, n_blocks: int) -> torch.Tensor:
         """The one-scale descriptor from `trunk(images, n_blocks)`: equal to `describe([images])`."""
-        x = F.normalize(self.pool(forward_rest(self.backbone, trunk, n_blocks)), dim=-1)
+        maps = forward_stages_from_trunk(self.backbone, trunk, n_blocks, self.pool.stages if self.pool.multi_level else ())
+        x = F.normalize(self.pool(maps if self.pool.multi_level else maps[-1]), dim=-1)
         return x if self.whitening is None else self.whitening(x)
 
     def set_whitening(self, mean: np.ndarray | torch.Tensor, projection: np.ndarray | torch.Tensor) -> None:
