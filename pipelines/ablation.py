@@ -6,8 +6,8 @@ Rows: off-the-shelf ImageNet (and with its training-free choices); retr-s (singl
 (double margin, from ImageNet); cls; cls + retr-d; cls + triplet; cls + MS (the retrieval params: multi-similarity
 on P×K batches); MS alone (from ImageNet); cls + MS with its training-free choices (the full pipeline); and the
 issue-16 pieces: MS from ImageNet with each other pooling (NetVLAD, GeM + second order, MOP, multi-level fusion:
-a checkpoint keeps its pooling, so these cannot start from the GeM classifier), and from the classifier the coupled
-clusters loss and the double margin with mined positives. Each trained row is a Ray Train job with the `retrieval`
+a checkpoint keeps its pooling, so these cannot start from the GeM classifier), object crops (off the shelf and on
+cls + MS, no training), and from the classifier the coupled clusters loss and the double margin with mined positives. Each trained row is a Ray Train job with the `retrieval`
 params of params.yaml (only the row's own differences applied, and its `model` ones for a pooling row);
 each row is scored on both test protocols with class-bootstrap CIs and compared with its parent row by a paired CI.
 Writes docs/ablation.md and docs/ablation.json, and one MLflow run per row nested under an `ablation` run.
@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import typer
@@ -29,6 +29,7 @@ from components.data.contract import Splits
 from components.errors import FiresightError
 from components.evaluation.bootstrap import format_gain
 from components.evaluation.protocol import Scores
+from components.models.localise import ObjectCrop
 from components.models.net import RetrievalNet, load_net
 from components.storage import atomic_write_path, write_json
 from components.training.context import BEST_MODEL_FILE
@@ -51,6 +52,7 @@ class Row:
     model: dict | None = None  # model-params overrides (another pooling) of a trained row
     start: str = "imagenet"  # imagenet | classifier | <name of an earlier row> (no training, post-processing only)
     free_wins: bool = False  # the postprocess stage's training-free choices, made on val for this row's network
+    object_crop: dict | None = None  # untrained rows: describe each image cropped to its activation box (ObjectCrop args)
 
 
 def _retr(pos_margin: float) -> dict:
@@ -71,6 +73,7 @@ POOLINGS = {  # issue 16's heads, as docs/ablation.md screened them off the shel
     "MOP": {"name": "mop", "args": {"levels": [1, 2, 3], "region_pooling": "gem"}},
     "multi-level": {"name": "multi_level", "args": {"stages": [2, 4], "channels": 512, "pooling": "gem"}},
 }
+OBJECT_CROP = {"threshold": 0.2, "margin": 0.1}  # the threshold the postprocess stage tried on cub100's val
 COUPLED_CLUSTERS = {"criterion": {"name": "coupled_clusters", "args": {"margin": 0.5}}, "miner": None}
 MINED_POSITIVES = {**RETR_D, "sampler": {"name": "mined_positive_pairs", "args": {
     "pos_per_class": 6, "neg_per_class": 6, "redraw_every": 5, "clusters": 40, "threshold": 0.8, "max_mined_per_class": 6}}}
@@ -85,9 +88,9 @@ ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches
     Row("cls + MS", "cls", {"init": "classifier"}),
     Row("MS", "off-the-shelf", {"init": "imagenet"}),
     Row("cls + MS + free wins", "cls + MS", start="cls + MS", free_wins=True),
-    *(Row(f"MS, {name}", "MS", {"init": "imagenet",  # multi-level reads maps inside the trunk: nothing to cache
-                                **({"cache_frozen_trunk": False} if pooling["name"] == "multi_level" else {})},
-          model={"pooling": pooling}) for name, pooling in POOLINGS.items()),
+    *(Row(f"MS, {name}", "MS", {"init": "imagenet"}, model={"pooling": pooling}) for name, pooling in POOLINGS.items()),
+    Row("off-the-shelf, object crops", "off-the-shelf", start="off-the-shelf", object_crop=OBJECT_CROP),
+    Row("cls + MS, object crops", "cls + MS", start="cls + MS", object_crop=OBJECT_CROP),
     Row("cls + coupled clusters", "cls + MS", {"init": "classifier", **COUPLED_CLUSTERS}),
     Row("cls + retr-d + mined positives", "cls + retr-d", {"init": "classifier", **MINED_POSITIVES}),
 ]
@@ -141,6 +144,8 @@ def run(params: Params, output: Path, rows: list[Row] = ROWS) -> list[dict]:
                     selection = {"best_epoch": int(best["epoch"]), "val_map_start": history[0]["val_map"],
                                  "val_map_last": history[-1]["val_map"], "val_map_best": best["val_map"]}
                 net = load_net(model_dir / BEST_MODEL_FILE) if row.train is not None else _start(row, params, splits, models)
+                if row.object_crop:
+                    net.meta = {**net.meta, "object_crop": asdict(ObjectCrop(**row.object_crop))}
                 if row.free_wins:
                     net, choice = search_model(net, row.name, params, splits, model_dir)
                     selection = {"recipe": choice.recipe.describe(), "val_map_start": choice.start_map,

@@ -9,6 +9,7 @@ def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
     assert [r.name for r in ROWS] == ["off-the-shelf", "off-the-shelf + free wins", "retr-s", "retr-d", "cls",
                                       "cls + retr-d", "cls + triplet", "cls + MS", "MS", "cls + MS + free wins",
                                       "MS, NetVLAD", "MS, GeM + second order", "MS, MOP", "MS, multi-level",
+                                      "off-the-shelf, object crops", "cls + MS, object crops",
                                       "cls + coupled clusters", "cls + retr-d + mined positives"]
     seen = set()
     for row in ROWS:
@@ -31,10 +32,13 @@ def test_the_issue_16_rows_change_only_their_piece_and_pass_validation():
                           ("MS, MOP", "mop"), ("MS, multi-level", "multi_level")):
         assert rows[name].model.pooling_spec().name == pooling and rows[name].retrieval.init == "imagenet"
         assert rows[name].retrieval.criterion == params.retrieval.criterion  # the MS row's loss, another head
-        assert rows[name].retrieval.cache_frozen_trunk == (pooling != "multi_level")
+        assert rows[name].retrieval.cache_frozen_trunk  # multi-level fuses blocks 2 (the trunk) and 4: cached too
     assert rows["MS"].model == params.model
     assert rows["cls + coupled clusters"].retrieval.criterion.name == "coupled_clusters"
     assert rows["cls + coupled clusters"].retrieval.sampler == params.retrieval.sampler
+    crops = {r.name: r for r in ROWS if r.object_crop}  # untrained: the parent's network, each image cropped
+    assert {(r.parent, r.start, r.train) for r in crops.values()} == {("off-the-shelf", "off-the-shelf", None),
+                                                                     ("cls + MS", "cls + MS", None)}
     mined = rows["cls + retr-d + mined positives"].retrieval
     assert mined.sampler.name == "mined_positive_pairs" and mined.criterion == rows["cls + retr-d"].retrieval.criterion
 
