@@ -121,16 +121,7 @@ def run(mode: str, full_data: bool = False) -> dict[str, Any]:
     copy = RepoCopy()
     try:
         copy.write_params(pipeline_params(full_data, overrides))
-        stages = copy.stages()
-        rows = []
-        for name in stage_order(stages):
-            record = copy.run(["dvc", "repro", "-s", name])
-            metrics_file = _metrics_file(stages[name])
-            fresh = metrics_file and record["returncode"] == 0  # a failed stage leaves the committed file
-            in_stage = copy.read_metrics(metrics_file).get("wall_seconds") if fresh else None
-            rows.append({"stage": name, "in_stage_seconds": in_stage, **record})
-            if record["returncode"]:
-                break
+        rows = run_stages(copy)
         noop = copy.run(["dvc", "repro"]) if all(r["returncode"] == 0 for r in rows) else None
         results = copy.read_metrics("metrics.json")
     finally:
@@ -149,6 +140,22 @@ def run(mode: str, full_data: bool = False) -> dict[str, Any]:
         out["goals"].append(goal("pipeline: no-op `dvc repro`", noop["wall_seconds"], GOAL_NOOP_SECONDS, unit=" s",
                                  higher_is_better=False))
     return out
+
+
+def run_stages(copy: RepoCopy) -> list[dict[str, Any]]:
+    """Each stage of the copy's dvc.yaml run alone (`dvc repro -s`), in dependency order, until one fails: its wall
+    time and tree memory, and its own clock (`wall_seconds` of its metrics file) where it has one."""
+    stages = copy.stages()
+    rows = []
+    for name in stage_order(stages):
+        record = copy.run(["dvc", "repro", "-s", name])
+        metrics_file = _metrics_file(stages[name])
+        fresh = metrics_file and record["returncode"] == 0  # a failed stage leaves the committed file
+        in_stage = copy.read_metrics(metrics_file).get("wall_seconds") if fresh else None
+        rows.append({"stage": name, "in_stage_seconds": in_stage, **record})
+        if record["returncode"]:
+            break
+    return rows
 
 
 def headline_maps(metrics: dict) -> dict[str, float | None]:

@@ -224,5 +224,31 @@ def _decode(s: dict) -> str:
     ])
 
 
+def _growth(s: dict) -> str:
+    if "skipped" in s:
+        return f"Skipped: {s['skipped']}."
+    sizes = s["sizes"]
+    counts = " / ".join(f"{z['images']:,}" for z in sizes)
+    by_stage = {r["stage"]: [z["stages"][i] if i < len(z["stages"]) else None for z in sizes]
+                for i, r in enumerate(sizes[0]["stages"])}
+
+    def per_size(runs: list, key: str) -> str:
+        return " / ".join("—" if r is None or r["returncode"] else _cell(r[key]) for r in runs)
+
+    rows = [(stage, per_size(runs, "wall_seconds"), s["fits"].get(stage, {}).get("time_exponent"),
+             per_size(runs, "peak_pss_tree_mib"), s["fits"].get(stage, {}).get("memory_exponent"))
+            for stage, runs in by_stage.items()]
+    totals = " / ".join(_cell(sum(r["wall_seconds"] for r in z["stages"])) for z in sizes)
+    return "\n\n".join([
+        f"Data: {s['data']}; classes capped at {' / '.join(str(z['cap'] or 'all') for z in sizes)} images "
+        f"({counts} images); one epoch of each training stage, retrieval batches in proportion to the images, no "
+        f"search; each stage run alone. Exponent b: cost ∝ images^b, least squares on the logs.",
+        table(["stage", f"wall (s) at {counts} images", "time exponent b",
+               f"peak PSS, process tree (MiB) at {counts}", "memory exponent b"],
+              rows + [("**all stages**", totals, None, None, None)]),
+    ])
+
+
 RENDERERS: dict[str, Callable[[dict], str]] = {"extract": _extract, "decode": _decode, "train": _train, "ray": _ray, "search": _search,
-                                                "shards": _shards, "pipeline": _pipeline, "accuracy": _accuracy}
+                                                "shards": _shards, "pipeline": _pipeline, "accuracy": _accuracy,
+                                                "growth": _growth}

@@ -16,14 +16,14 @@ from typing import Any
 import psutil
 import typer
 
-from bench import accuracy, decode, extract, pipeline, ray_overhead, search, shards, train
+from bench import accuracy, decode, extract, growth, pipeline, ray_overhead, search, shards, train
 from bench.measure import load_average, now
 from bench.report import render
 from pipelines.common import git_commit
 
 SECTIONS: dict[str, Callable[..., dict[str, Any]]] = {
     "extract": extract.run, "decode": decode.run, "train": train.run, "ray": ray_overhead.run, "search": search.run, "shards": shards.run,
-    "pipeline": pipeline.run, "accuracy": accuracy.run,
+    "pipeline": pipeline.run, "accuracy": accuracy.run, "growth": growth.run,
 }
 RESULTS_DIR = Path("bench/results")
 VERSIONS = ("torch", "timm", "faiss-cpu", "ray", "mlflow", "dvc", "numpy")

@@ -156,3 +156,43 @@ def test_accuracy_takes_the_pipeline_sections_run_only_when_it_ran_the_same_para
     failed = [{**s, "returncode": 1} if s["stage"] == "retrieval" else s for s in stages]
     assert _from_pipeline({**pipeline, "stages": failed}, QUICK_OVERRIDES) is None
     assert _from_pipeline(None, QUICK_OVERRIDES) is None
+
+
+def test_growth_params_are_valid_and_keep_the_budget_per_image(tmp_path):
+    from bench.growth import growth_params
+    from pipelines.params import load_params
+
+    small, large = growth_params(15, 1500), growth_params(None, 5902)
+    for raw in (small, large):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        p = load_params(path)
+        assert (p.classify.epochs, p.retrieval.epochs, p.tune.search) == (1, 1, "off")
+        assert (p.split.val_classes, p.split.test_classes) == (20, 40)
+    assert small["ingest"]["max_images_per_class"] == 15 and large["ingest"]["max_images_per_class"] is None
+    batches = [raw["retrieval"]["sampler"]["args"]["batches_per_epoch"] for raw in (small, large)]
+    assert batches == [9, 37]  # 40% of the images in batches of 64: the same passes over the train classes
+
+
+def test_growth_fits_the_exponent_of_each_stage():
+    from bench.growth import fits
+
+    def size(images, seconds, mib):
+        return {"images": images, "stages": [
+            {"stage": "index", "returncode": 0, "wall_seconds": seconds[0], "peak_pss_tree_mib": mib},
+            {"stage": "evaluate", "returncode": 0, "wall_seconds": seconds[1], "peak_pss_tree_mib": mib}]}
+
+    sizes = [size(n, (0.01 * n, 1e-5 * n**2), 500.0) for n in (1000, 2000, 4000)]
+    assert fits(sizes) == {"index": {"time_exponent": 1.0, "memory_exponent": 0.0},
+                           "evaluate": {"time_exponent": 2.0, "memory_exponent": 0.0}}
+    failed = size(8000, (80, 640), 500.0)
+    failed["stages"][1]["returncode"] = 1
+    assert fits([*sizes, failed]) == fits(sizes)  # a size where a stage failed is left out of every fit
+    assert fits(sizes[:1]) == {}
+    text = render({"mode": "full", "command": "python -m bench", "git_commit": "x", "started": "2026-12-07T00:00",
+                   "ended": "2026-12-07T01:00", "wall_seconds": 60, "machine": {"cpu": "c", "cores": 2,
+                   "memory_gib": 1, "os": "l", "python": "3.11", "versions": {}},
+                   "sections": {"growth": {"data": "cub100", "sizes": [{**s, "cap": c} for s, c in
+                                                                       zip(sizes, (10, 20, None))],
+                                           "fits": fits(sizes), "goals": []}}})
+    assert "| evaluate | 10.0 / 40.0 / 160.0 | 2.00 | 500.0 / 500.0 / 500.0 | 0.000 |" in text
