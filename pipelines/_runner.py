@@ -34,24 +34,24 @@ def run_stage(name: str, stage: Callable[[Params], None]) -> None:
     missing), then one line on the terminal: done (exit 0), a user error (exit 2; an undeclared params key is one),
     interrupted (exit 130) or failed (exit 1, its traceback in the log)."""
     start = time.perf_counter()
-    log_file = _route_output(name)
+    log_file = route_output(name)
     result = _LastResult()
     logging.getLogger().addHandler(result)
     where = f" (log: {log_file})" if log_file else ""
     try:
         stage(restricted_params(load_params(), name))
     except FiresightError as e:
-        _say(f"firesight {name}: error: {e}")
+        say(f"firesight {name}: error: {e}")
         sys.exit(2)
     except KeyboardInterrupt:
-        _say(f"firesight {name}: interrupted; nothing was recorded for this stage — run it again")
+        say(f"firesight {name}: interrupted; nothing was recorded for this stage — run it again")
         sys.exit(INTERRUPTED)
     except Exception as e:
         print(redact(traceback.format_exc()), file=sys.stderr, flush=True)  # the log's, or the terminal's
         first_line = next((line for line in str(e).splitlines() if line.strip()), "")
-        _say(f"firesight {name}: failed: {type(e).__name__}: {first_line}{where}")
+        say(f"firesight {name}: failed: {type(e).__name__}: {first_line}{where}")
         sys.exit(1)
-    _say(f"firesight {name}: done in {time.perf_counter() - start:.1f} s{result.message}{where}")
+    say(f"firesight {name}: done in {time.perf_counter() - start:.1f} s{result.message}{where}")
 
 
 class _LastResult(logging.Handler):
@@ -66,7 +66,7 @@ class _LastResult(logging.Handler):
             self.message = f"; {record.getMessage()}"
 
 
-def _route_output(name: str) -> Path | None:
+def route_output(name: str) -> Path | None:
     """Send logging (Python warnings included), stdout and stderr to logs/<name>.log, Firesight's own warnings to
     the terminal too, and return the log's path; with FIRESIGHT_VERBOSE=1 all of it to the terminal and None."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -90,7 +90,7 @@ def _route_output(name: str) -> Path | None:
     return log_file
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     """One line on the terminal, and in the stage's log when it has one."""
     print(redact(line), file=sys.__stderr__, flush=True)
     if sys.stderr is not sys.__stderr__:

@@ -16,7 +16,6 @@ Writes docs/ablation.md and docs/ablation.json, and one MLflow run per row neste
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -34,14 +33,13 @@ from components.models.net import RetrievalNet, load_net
 from components.storage import atomic_write_path, write_json
 from components.training.context import BEST_MODEL_FILE
 from components.training.retrieval import train_retrieval
+from pipelines._runner import route_output, say
 from pipelines.common import git_commit, load_splits, off_the_shelf, stopwatch, train_logged
 from pipelines.embedding import test_scores
 from pipelines.params import DEFAULT_PARAMS, Params, load_params, with_overrides
 from pipelines.paths import CLASSIFY_DIR
 from pipelines.postprocess import search_model
 from pipelines.retrieval import retrieval_job, starting_nets
-
-log = logging.getLogger("ablation")
 
 
 @dataclass(frozen=True)
@@ -160,9 +158,9 @@ def run(params: Params, output: Path, rows: list[Row] = ROWS) -> list[dict]:
             results.append({"row": row.name, "parent": row.parent, **summary, "gain_over_parent": gain, **selection,
                             **timing})
             loo = summary["leave_one_out"]["map"]
-            log.info("%s: leave-one-out mAP %.4f [%.4f, %.4f]%s (%.0f s)", row.name, loo["value"], loo["lo"], loo["hi"],
-                     f", vs {row.parent} {format_gain(gain['leave_one_out']['map'])}" if gain else "",
-                     timing["wall_seconds"])
+            say(f"firesight ablation: {row.name}: leave-one-out mAP {loo['value']:.4f} [{loo['lo']:.4f}, {loo['hi']:.4f}]"
+                + (f", vs {row.parent} {format_gain(gain['leave_one_out']['map'])}" if gain else "")
+                + f" ({timing['wall_seconds']:.0f} s)")
             _write(output, results, params)  # after every row: a run stopped late keeps the rows it finished
         shutil.rmtree(workdir, ignore_errors=True)
         tracking.mlflow.log_artifact(str(output))
@@ -243,12 +241,13 @@ def main(
     row: list[str] = typer.Option(None, "--row", help="run only this row (repeatable) and the rows it compares with "
                                   "or starts from; default: every row"),
 ) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s ablation %(levelname)s %(message)s")
+    log_file = route_output("ablation")  # Ray's and MLflow's records to logs/ablation.log; a line per row here
     try:
         run(load_params(DEFAULT_PARAMS, config), output, selected(row))
     except FiresightError as e:
-        typer.echo(f"firesight ablation: error: {e}", err=True)
+        say(f"firesight ablation: error: {e}")
         raise typer.Exit(2) from None
+    say(f"firesight ablation: wrote {output} and {output.with_suffix('.json')}" + (f" (log: {log_file})" if log_file else ""))
 
 
 if __name__ == "__main__":
