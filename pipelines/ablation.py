@@ -69,7 +69,7 @@ POOLINGS = {  # issue 16's heads, as docs/ablation.md screened them off the shel
     "NetVLAD": {"name": "netvlad", "args": {"clusters": 16, "reduction_dim": 128, "alpha": 100.0}},
     "GeM + second order": {"name": "gem_second_order", "args": {"reduction_dim": 64, "iterations": 5, "centred": True}},
     "MOP": {"name": "mop", "args": {"levels": [1, 2, 3], "region_pooling": "gem"}},
-    "multi-level": {"name": "multi_level", "args": {"stages": [2, 4], "channels": 512, "pooling": "gem"}},
+    "multi-level": {"name": "multi_level", "args": {"stages": [2, 4], "channels": 1280, "pooling": "gem"}},  # starts as GeM
 }
 OBJECT_CROP = {"threshold": 0.2, "margin": 0.1}  # the threshold the postprocess stage tried on cub100's val
 COUPLED_CLUSTERS = {"criterion": {"name": "coupled_clusters", "args": {"margin": 0.5}}, "miner": None}

@@ -71,9 +71,18 @@ def test_max_pool_alignment_gives_the_final_maps_size_for_odd_inputs(h, w):
                 assert torch.equal(a[0, :, i, j], x[0, :, i * k:(i + 1) * k, j * k:(j + 1) * k].amax(dim=(-2, -1)))
 
 
+def _randomised(pool: MultiLevel) -> MultiLevel:
+    """Every level's 1×1 conv random (the earlier ones start at zero), so each level counts."""
+    with torch.no_grad():
+        for conv in pool.reduce:
+            conv.weight.normal_()
+            conv.bias.normal_()
+    return pool
+
+
 def test_fusion_is_the_softmax_weighted_sum_of_the_levels_then_the_pooling():
     torch.manual_seed(2)
-    pool = MultiLevel((4, 6, 8), (2, 4, 4), stages=(0, 1), channels=5, pooling="gem", p=2.0)
+    pool = _randomised(MultiLevel((4, 6, 8), (2, 4, 4), stages=(0, 1), channels=5, pooling="gem", p=2.0))
     with torch.no_grad():
         pool.level_logits.copy_(torch.tensor([0.5, -1.0, 2.0]))
     maps = [torch.rand(2, 4, 9, 7), torch.rand(2, 6, 5, 4), torch.rand(2, 8, 5, 4)]
@@ -82,8 +91,32 @@ def test_fusion_is_the_softmax_weighted_sum_of_the_levels_then_the_pooling():
     fused = sum(wt * conv(x) for wt, conv, x in zip(weights, pool.reduce, aligned))
     by_hand = fused.clamp(min=1e-6).pow(2.0).mean(dim=(-2, -1)).pow(0.5)
     assert torch.allclose(pool(maps), by_hand, atol=1e-6) and pool.output_dim(8) == 5
-    spoc = MultiLevel((4, 6, 8), (2, 4, 4), stages=(0, 1), channels=5, pooling="spoc")
+    spoc = _randomised(MultiLevel((4, 6, 8), (2, 4, 4), stages=(0, 1), channels=5, pooling="spoc"))
     assert torch.allclose(spoc(maps), spoc.fuse(maps).mean(dim=(-2, -1)))
+
+
+@pytest.mark.parametrize("pooling", ["gem", "spoc"])
+def test_untrained_fusion_starts_as_the_final_maps_pooling_and_training_adds_the_earlier_levels(pooling):
+    torch.manual_seed(7)
+    backbone_weights = RetrievalNet.create(LITE0, "gem", 64, None).backbone.state_dict()
+    plain = RetrievalNet.create(LITE0, pooling, 64, None)
+    fused = _multi_level({"stages": [2, 4], "channels": 1280, "pooling": pooling})
+    for net in (plain, fused):
+        net.backbone.load_state_dict(backbone_weights)
+        net.eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), plain(x), atol=1e-5)  # the single-level start, exactly
+    fused.freeze(8)  # only the fusion trains
+    optimiser = torch.optim.SGD([p for p in fused.pool.parameters()], lr=0.1)
+    d = fused(x)
+    (d * torch.randn_like(d)).sum().backward()
+    optimiser.step()
+    assert all(conv.weight.abs().sum() > 0 for conv in fused.pool.reduce[:-1])  # the earlier levels now count
+    with torch.no_grad():
+        assert not torch.allclose(fused(x), plain(x), atol=1e-4)
+    other = _multi_level({"stages": [2, 4], "channels": 64, "pooling": pooling})  # another width: a random start
+    assert other.pool.reduce[-1].weight.abs().sum() > 0 and other.pool.reduce[0].weight.abs().sum() == 0
 
 
 def test_bad_constructor_args_are_refused():
@@ -197,6 +230,7 @@ def test_multi_level_exports_to_onnx_with_parity(tmp_path, args):
 
     torch.manual_seed(6)
     net = _multi_level(args, image_size=96).eval()
+    _randomised(net.pool)
     with torch.no_grad():  # unequal level weights, so each level's share is exported as it is
         net.pool.level_logits.copy_(torch.linspace(-1.0, 1.0, len(net.pool.level_logits)))
     net.meta = {**net.meta, "scales": [1.0, 0.7071]}  # 96 and 68 px: odd stage sizes (68 → 9 → 5 → 3)
