@@ -68,13 +68,25 @@ class _LastResult(logging.Handler):
 
 def route_output(name: str) -> Path | None:
     """Send logging (Python warnings included), stdout and stderr to logs/<name>.log, Firesight's own warnings to
-    the terminal too, and return the log's path; with FIRESIGHT_VERBOSE=1 all of it to the terminal and None."""
+    the terminal too, and return the log's path; with FIRESIGHT_VERBOSE=1 all of it to the terminal and None.
+
+    The redirection is of the file descriptors 1 and 2 themselves, so what native code writes there (Ray's core
+    worker, and the Ray processes this one starts, which inherit them) goes to the log as well; `sys.__stderr__`
+    becomes a copy of the terminal's descriptor, where progress bars and the stage's line are written."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     log_file = None
     if os.environ.get(VERBOSE) != "1":
         LOG_DIR.mkdir(exist_ok=True)
         log_file = LOG_DIR / f"{name}.log"
-        sys.stdout = sys.stderr = open(log_file, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+        log = open(log_file, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+        terminal = os.fdopen(os.dup(sys.__stderr__.fileno()), "w", buffering=1, encoding="utf-8",
+                             errors="backslashreplace")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        sys.__stderr__ = terminal
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray prefixes workers' lines without terminal colours
         handlers = [logging.StreamHandler(sys.stderr), logging.StreamHandler(sys.__stderr__)]
         handlers[1].setLevel(logging.WARNING)

@@ -28,13 +28,14 @@ run_stage("classify", stage)
 """
 
 CHATTY_STAGE = """
-import logging, warnings
+import logging, os, warnings
 from pipelines._runner import run_stage
 
 def stage(params):
     logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
     warnings.warn("a library's warning")
     print("a table the stage prints")
+    os.write(2, b"a native library's line\\n")  # as Ray's core worker writes: to the descriptor, not sys.stderr
     log = logging.getLogger(__name__)
     log.info("reading the source")
     log.warning("3 images quarantined")
@@ -98,7 +99,8 @@ def test_a_stage_shows_its_warnings_and_one_line_with_its_result(tmp_path):
                         summary)
     log = (tmp_path / "logs" / "ingest.log").read_text()
     for line in ("Creating initial MLflow database tables", "UserWarning: a library's warning",
-                 "a table the stage prints", "reading the source", "3 images quarantined", summary):
+                 "a table the stage prints", "a native library's line", "reading the source", "3 images quarantined",
+                 summary):
         assert line in log
 
 
