@@ -5,6 +5,8 @@ alone; and the effect of batch size and thread count."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
 
 import ray
@@ -22,8 +24,9 @@ from pipelines.params import load_params
 
 GOAL_RATIO = 0.9
 SIZES = {"quick": {"images": 64, "rounds": 2, "grid_images": 32, "batch_sizes": (1, 32)},
-         "full": {"images": 320, "rounds": 3, "grid_images": 128, "batch_sizes": (1, 8, 32, 64)}}
+         "full": {"images": 320, "rounds": 3, "grid_images": 128, "batch_sizes": (1, 2, 4, 8, 32)}}
 THREADS = (1, 2)
+RAY_REPEAT = 4  # a Ray Data run describes the images this many times: long enough for a steady rate
 
 
 def run(mode: str) -> dict[str, Any]:
@@ -49,7 +52,8 @@ def run(mode: str) -> dict[str, Any]:
 
     main = interleaved_rates(rivals(len(images), batch_size), work=len(images), rounds=size["rounds"])
     main_ratio = ratio(main["firesight"]["rate"], main["bare torch"]["rate"])
-    on_ray = _ray_data(net, images.uris, batch_size, main["bare torch"]["rate"])
+    on_ray = _ray_data(net, images.uris, tensors, batch_size, size["rounds"],
+                       default=(params.index.actors, params.ray.cpus_per_worker))
     grid = []
     for threads in THREADS:
         torch.set_num_threads(threads)
@@ -70,32 +74,55 @@ def run(mode: str) -> dict[str, Any]:
         "ratio": main_ratio,
         "ray_data": on_ray,
         "grid": grid,
-        "goals": [goal("extraction: index-stage path vs bare torch", main_ratio, GOAL_RATIO)],
+        "goals": [goal("extraction: in-process path (index.engine local) vs bare torch", main_ratio, GOAL_RATIO),
+                  goal(f"extraction: Ray Data path (index.engine ray, {params.index.actors} actors), steady, "
+                       "vs bare torch", on_ray[-1]["steady_ratio_vs_bare"], GOAL_RATIO)],
     }
 
 
-def _ray_data(net: torch.nn.Module, uris: list[str], batch_size: int, bare_rate: float) -> list[dict[str, Any]]:
-    """`embed_with_ray` on a warm local Ray, 1 actor with every core and one actor per core, each over the images
-    and over them 4 times: the wall times include starting the actors (what the index stage pays), and the two sizes
-    split them into a fixed start-up and a steady rate."""
+def _ray_data(net: torch.nn.Module, uris: list[str], tensors: torch.Tensor, batch_size: int, rounds: int,
+              default: tuple[int, int]) -> list[dict[str, Any]]:
+    """`embed_with_ray` on a warm local Ray, 1 actor with every core and the index stage's `default` (actors, CPUs
+    each), over the images `RAY_REPEAT` times, in rounds interleaved with the bare loop over as many tensors (Ray's
+    idle processes running under both). Each run starts its actors (what the index stage pays): the time to its
+    first block is that start-up, and the images after the first block over the time to the last are its steady
+    rate."""
     ensure_ray()
     cores = int(ray.cluster_resources().get("CPU", 1))
+    images = RAY_REPEAT * len(uris)
     runs = []
-    for actors, cpus in ((1, cores), (cores, 1)):
-        walls = {}
-        for repeat in (1, 4):
-            with measured() as walls[repeat]:
-                embed_with_ray(net, uris * repeat, batch_size=batch_size, actors=actors, cpus_per_actor=cpus)
-        steady = round(3 * len(uris) / (walls[4]["wall_seconds"] - walls[1]["wall_seconds"]), 1)
-        runs.append({"actors": actors, "cpus_per_actor": cpus, "images": len(uris), "runs": walls,
-                     "wall_seconds": walls[1]["wall_seconds"], "loadavg_start": walls[1]["loadavg_start"],
-                     "loadavg_end": walls[4]["loadavg_end"],
-                     "images_per_s": round(len(uris) / walls[1]["wall_seconds"], 1), "steady_images_per_s": steady,
-                     "startup_seconds": round(walls[1]["wall_seconds"] - len(uris) / steady, 1),
-                     "ratio_vs_bare": ratio(len(uris) / walls[1]["wall_seconds"], bare_rate),
-                     "steady_ratio_vs_bare": ratio(steady, bare_rate)})
+    for actors, cpus in dict.fromkeys([(1, cores), default]):
+        bare, steady, startup, walls = [], [], [], []
+        with measured() as record:
+            for _ in range(rounds):
+                start = time.perf_counter()
+                for _ in range(RAY_REPEAT):
+                    _bare_forward(net, tensors, batch_size)
+                bare.append(images / (time.perf_counter() - start))
+                arrivals: list[tuple[float, int]] = []
+                start = time.perf_counter()
+                embed_with_ray(net, uris * RAY_REPEAT, batch_size=batch_size, actors=actors, cpus_per_actor=cpus,
+                               on_block=lambda got, _, seen=arrivals: seen.append((time.perf_counter(), len(got))))
+                walls.append(time.perf_counter() - start)
+                startup_seconds, rate = stream_rates(start, arrivals)
+                startup.append(startup_seconds)
+                steady.append(rate)
+        runs.append({**record, "actors": actors, "cpus_per_actor": cpus, "images": images, "rounds": rounds,
+                     "wall_seconds": round(statistics.median(walls), 1),
+                     "startup_seconds": round(statistics.median(startup), 1),
+                     "steady_images_per_s": round(statistics.median(steady), 1),
+                     "steady_rates": [round(x, 1) for x in steady],
+                     "bare_images_per_s": round(statistics.median(bare), 1), "bare_rates": [round(x, 1) for x in bare],
+                     "steady_ratio_vs_bare": ratio(statistics.median(steady), statistics.median(bare))})
     ray.shutdown()
     return runs
+
+
+def stream_rates(start: float, arrivals: list[tuple[float, int]]) -> tuple[float, float]:
+    """A stream's start-up (from `start` to its first block) and steady rate (the items after the first block over
+    the time from the first block to the last), from (arrival time, items) of each block."""
+    (first, first_items), (last, _) = arrivals[0], arrivals[-1]
+    return first - start, (sum(n for _, n in arrivals) - first_items) / (last - first)
 
 
 @torch.inference_mode()

@@ -79,9 +79,9 @@ class TreeMemory:
     a local Ray) in a background thread.
 
     Every poll sums the tree's RSS, which counts pages that processes share (libraries) once per process: an upper
-    bound. When that sum reaches a new high (at most every `pss_interval` s, as reading it costs more), the tree's
-    PSS (shared pages split between the processes that map them) is read too: `peak_pss_bytes` is the best estimate
-    of the memory used at the peak.
+    bound. When that sum reaches a new high, the tree's PSS (shared pages split between the processes that map them)
+    is read too — at most every `pss_interval` s, as reading it costs more; a high reached sooner is read at the
+    first poll the interval allows: `peak_pss_bytes` is the best estimate of the memory used at the peak.
     """
 
     def __init__(self, pid: int, interval: float = MEMORY_POLL_SECONDS, pss_interval: float = PSS_POLL_SECONDS) -> None:
@@ -90,6 +90,7 @@ class TreeMemory:
         self.peak_bytes = self.peak_process_bytes = self.peak_pss_bytes = 0
         self.processes_seen: set[int] = set()
         self._last_pss = float("-inf")
+        self._pss_due = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -126,9 +127,10 @@ class TreeMemory:
         total = sum(sizes.values())
         if total > self.peak_bytes:
             self.peak_bytes = total
-            if time.monotonic() - self._last_pss >= self.pss_interval:
-                self._last_pss = time.monotonic()
-                self.peak_pss_bytes = max(self.peak_pss_bytes, self._pss(sizes))
+            self._pss_due = True
+        if self._pss_due and time.monotonic() - self._last_pss >= self.pss_interval:
+            self._last_pss, self._pss_due = time.monotonic(), False
+            self.peak_pss_bytes = max(self.peak_pss_bytes, self._pss(sizes))
 
     @staticmethod
     def _pss(processes: dict[psutil.Process, int]) -> int:

@@ -39,13 +39,11 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, {m['os']}; Python {m['python']}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-        "",
-        "## Goals",
-        "",
-        table(["goal", "measured", "target", ""],
-              [(g["goal"], g["measured"], g["target"], g["met"]) for s in results["sections"].values()
-               for g in s.get("goals", [])]),
     ]
+    goals = [(g["goal"], g["measured"], g["target"], g["met"]) for s in results["sections"].values()
+             for g in s.get("goals", [])]
+    if goals:
+        parts += ["", "## Goals", "", table(["goal", "measured", "target", ""], goals)]
     for name, section in results["sections"].items():
         parts += ["", f"## {name}", ""]
         if "error" in section:
@@ -64,13 +62,17 @@ def _extract(s: dict) -> str:
         table(["path", "images/s (median)", "rounds", "load avg"],
               [(name, r["rate"], ", ".join(f"{x:.1f}" for x in r["rates"]), _load(r)) for name, r in c.items()]
               + [("ratio Firesight / bare", s["ratio"], "", "")]),
-        "On Ray Data (`index.engine: ray`, a warm local Ray): the same images, then 4 times as many; each run starts "
-        "its actors, and the two sizes split its wall time into a fixed start-up and a steady rate:",
-        table(["actors × CPUs", "wall (s)", "images/s", "ratio vs bare", "start-up (s)", "steady images/s",
-               "steady ratio vs bare", "load avg"],
-              [(f"{r['actors']} × {r['cpus_per_actor']}", r["wall_seconds"], r["images_per_s"], r["ratio_vs_bare"],
-                r["startup_seconds"], r["steady_images_per_s"], r["steady_ratio_vs_bare"], _load(r))
-               for r in s.get("ray_data", [])]),
+        "On Ray Data (`index.engine: ray`, a warm local Ray): the images described "
+        f"{s['ray_data'][0]['images'] // s['images']['count']} times a run, in rounds interleaved with the bare "
+        "loop over as many tensors; each run starts its actors (the time to its first block), then runs at its "
+        "steady rate (the images after the first block over the time to the last):"
+        if s.get("ray_data") else "",
+        table(["actors × CPUs", "images a run", "wall (s)", "start-up (s)", "steady images/s (rounds)",
+               "bare images/s (rounds)", "steady ratio vs bare", "load avg"],
+              [(f"{r['actors']} × {r['cpus_per_actor']}", r["images"], r["wall_seconds"], r["startup_seconds"],
+                f"{r['steady_images_per_s']} ({', '.join(f'{x:.1f}' for x in r['steady_rates'])})",
+                f"{r['bare_images_per_s']} ({', '.join(f'{x:.1f}' for x in r['bare_rates'])})",
+                r["steady_ratio_vs_bare"], _load(r)) for r in s.get("ray_data", [])]),
         "Cost per image, each step alone (one pass):",
         table(["decode (PIL)", "resize + normalise + pad", "forward (batch " + str(mdl["batch_size"]) + ")"],
               [(f"{ms['decode']:.1f} ms", f"{ms['resize_and_pad']:.1f} ms", f"{ms['forward']:.1f} ms")]),

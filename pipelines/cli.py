@@ -39,7 +39,7 @@ def _settings(params: Path) -> dict:
     """The params this CLI uses (validated), or the shipped defaults when there is no params file here."""
     if not params.is_file():
         return {"model": "models:/firesight-retriever@champion", "tracking_uri": "sqlite:///mlflow.db",
-                "batch_size": 32}
+                "batch_size": 4}
     from pipelines.params import load_params
 
     p = load_params(params)

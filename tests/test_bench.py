@@ -1,6 +1,8 @@
 """The benchmark suite's logic (no timings asserted: speed is measured by `python -m bench`, never tested)."""
 
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 import yaml
 
 from bench.descriptors import ClusteredDescriptors, Gaussian, neighbour_similarity
-from bench.measure import goal, interleaved_rates
+from bench.extract import stream_rates
+from bench.measure import TreeMemory, goal, interleaved_rates
 from bench.pipeline import pipeline_params, stage_order
 from bench.report import render, table
 from bench.search import _database, _recall, specs
@@ -127,6 +130,13 @@ def test_interleaved_rates_and_goals_are_recorded():
     assert goal("g", 0.96, 0.95)["met"] and not goal("g", 16.0, 15.0, unit=" s", higher_is_better=False)["met"]
 
 
+def test_a_stream_splits_into_its_start_up_and_steady_rate():
+    # actors ready after 5 s, then a block of 4 images every 0.1 s: the first block's images count in the start-up
+    arrivals = [(5.0 + 0.1 * i, 4) for i in range(11)]
+    startup, rate = stream_rates(0.0, arrivals)
+    assert startup == 5.0 and rate == pytest.approx(40.0)
+
+
 def test_report_lists_goals_and_failed_sections():
     results = {
         "mode": "quick", "command": "python -m bench --quick", "git_commit": "abc", "started": "2026-11-23T10:00:00",
@@ -196,3 +206,14 @@ def test_growth_fits_the_exponent_of_each_stage():
                                                                        zip(sizes, (10, 20, None))],
                                            "fits": fits(sizes), "goals": []}}})
     assert "| evaluate | 10.0 / 40.0 / 160.0 | 2.00 | 500.0 / 500.0 / 500.0 | 0.000 |" in text
+    assert "## Goals" not in text  # a run without goals has no empty goals table
+
+
+def test_tree_memory_reads_the_peak_reached_between_its_pss_reads():
+    """A process that fills 300 MiB just after its first poll and holds it: the PSS read that poll's interval forbade
+    is made at the first poll allowed, so a short stage's peak is not its start-up size."""
+    fill = "import time; time.sleep(0.3); x = b'1' * (300 * 2**20); time.sleep(1.6)"
+    proc = subprocess.Popen([sys.executable, "-c", fill])
+    with TreeMemory(proc.pid, interval=0.05, pss_interval=1.0) as memory:
+        proc.wait()
+    assert memory.peak_pss_bytes > 250 * 2**20
