@@ -7,8 +7,10 @@ Rows: off-the-shelf ImageNet (and with its training-free choices); retr-s (singl
 on P×K batches); MS alone (from ImageNet); cls + MS with its training-free choices (the full pipeline); and the
 issue-16 pieces: MS from ImageNet with each other pooling (NetVLAD, GeM + second order, MOP, multi-level fusion:
 a checkpoint keeps its pooling, so these cannot start from the GeM classifier), object crops (off the shelf and on
-cls + MS, no training), and from the classifier the coupled clusters loss and the double margin with mined positives. Each trained row is a Ray Train job with the `retrieval`
-params of params.yaml (only the row's own differences applied, and its `model` ones for a pooling row);
+cls + MS, no training), from the classifier the coupled clusters loss and the double margin with mined positives,
+and cls + MS with 3 or 2 frozen stages instead of params' 4 (more of the network trained). Each trained row is a Ray
+Train job with the `retrieval` params of params.yaml (only the row's own differences applied, and its `model` ones
+for a pooling or frozen-stages row);
 each row is scored on both test protocols with class-bootstrap CIs and compared with its parent row by a paired CI.
 Writes docs/ablation.md and docs/ablation.json, and one MLflow run per row nested under an `ablation` run.
 """
@@ -91,6 +93,7 @@ ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches
     Row("cls + MS, object crops", "cls + MS", start="cls + MS", object_crop=OBJECT_CROP),
     Row("cls + coupled clusters", "cls + MS", {"init": "classifier", **COUPLED_CLUSTERS}),
     Row("cls + retr-d + mined positives", "cls + retr-d", {"init": "classifier", **MINED_POSITIVES}),
+    *(Row(f"cls + MS, {n} frozen stages", "cls + MS", {"init": "classifier"}, model={"frozen_stages": n}) for n in (3, 2)),
 ]
 
 

@@ -10,7 +10,8 @@ def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
                                       "cls + retr-d", "cls + triplet", "cls + MS", "MS", "cls + MS + free wins",
                                       "MS, NetVLAD", "MS, GeM + second order", "MS, MOP", "MS, multi-level",
                                       "off-the-shelf, object crops", "cls + MS, object crops",
-                                      "cls + coupled clusters", "cls + retr-d + mined positives"]
+                                      "cls + coupled clusters", "cls + retr-d + mined positives",
+                                      "cls + MS, 3 frozen stages", "cls + MS, 2 frozen stages"]
     seen = set()
     for row in ROWS:
         assert row.parent is None if not seen else row.parent in seen  # compared with a row already scored
@@ -41,6 +42,10 @@ def test_the_issue_16_rows_change_only_their_piece_and_pass_validation():
                                                                      ("cls + MS", "cls + MS", None)}
     mined = rows["cls + retr-d + mined positives"].retrieval
     assert mined.sampler.name == "mined_positive_pairs" and mined.criterion == rows["cls + retr-d"].retrieval.criterion
+    for frozen in (3, 2):  # cls + MS with more of the network trained, its trunk still cached
+        row = rows[f"cls + MS, {frozen} frozen stages"]
+        assert row.model == params.model.model_copy(update={"frozen_stages": frozen})
+        assert row.retrieval == rows["cls + MS"].retrieval and row.retrieval.cache_frozen_trunk
 
 
 def _summary(value: float) -> dict:
