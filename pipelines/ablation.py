@@ -4,7 +4,8 @@
 
 Rows: off-the-shelf ImageNet (and with its training-free choices); retr-s (single margin, from ImageNet); retr-d
 (double margin, from ImageNet); cls; cls + retr-d; cls + triplet; cls + MS (the retrieval params: multi-similarity
-on P×K batches); MS alone (from ImageNet); cls + MS with its training-free choices (the full pipeline); and the
+on P×K batches); MS alone (from ImageNet); cls + MS with its training-free choices (the full pipeline); MS with its
+training-free choices, against off-the-shelf with its own (what fine-tuning adds beyond every free win); and the
 issue-16 pieces: MS from ImageNet with each other pooling (NetVLAD, GeM + second order, MOP, multi-level fusion:
 a checkpoint keeps its pooling, so these cannot start from the GeM classifier), object crops (off the shelf and on
 cls + MS, no training), from the classifier the coupled clusters loss and the double margin with mined positives,
@@ -88,6 +89,7 @@ ROWS = [  # trained rows: the retrieval params (multi-similarity on P×K batches
     Row("cls + MS", "cls", {"init": "classifier"}),
     Row("MS", "off-the-shelf", {"init": "imagenet"}),
     Row("cls + MS + free wins", "cls + MS", start="cls + MS", free_wins=True),
+    Row("MS + free wins", "off-the-shelf + free wins", start="MS", free_wins=True),  # fine-tuning vs every free win
     *(Row(f"MS, {name}", "MS", {"init": "imagenet"}, model={"pooling": pooling}) for name, pooling in POOLINGS.items()),
     Row("off-the-shelf, object crops", "off-the-shelf", start="off-the-shelf", object_crop=OBJECT_CROP),
     Row("cls + MS, object crops", "cls + MS", start="cls + MS", object_crop=OBJECT_CROP),

@@ -8,6 +8,7 @@ from pipelines.params import load_params, with_overrides
 def test_rows_cover_the_papers_table_and_each_has_an_earlier_parent():
     assert [r.name for r in ROWS] == ["off-the-shelf", "off-the-shelf + free wins", "retr-s", "retr-d", "cls",
                                       "cls + retr-d", "cls + triplet", "cls + MS", "MS", "cls + MS + free wins",
+                                      "MS + free wins",
                                       "MS, NetVLAD", "MS, GeM + second order", "MS, MOP", "MS, multi-level",
                                       "off-the-shelf, object crops", "cls + MS, object crops",
                                       "cls + coupled clusters", "cls + retr-d + mined positives",
