@@ -72,6 +72,9 @@ def test_a_selection_of_rows_brings_the_rows_they_compare_with_and_start_from():
     assert [r.name for r in selected(["cls + MS + free wins"])] == ["off-the-shelf", "cls", "cls + MS",
                                                                     "cls + MS + free wins"]
     assert [r.name for r in selected(["retr-d", "MS"])] == ["off-the-shelf", "retr-s", "retr-d", "MS"]
+    # fine-tuning against every free win: MS's free wins compared with off-the-shelf's, on the same classes
+    assert [r.name for r in selected(["MS + free wins"])] == ["off-the-shelf", "off-the-shelf + free wins", "MS",
+                                                              "MS + free wins"]
     assert selected(None) == ROWS
     with pytest.raises(FiresightError, match=r"no ablation row 'cls\+MS'"):
         selected(["cls+MS"])
