@@ -213,11 +213,12 @@ def gpu_available(choice: str) -> bool:
     return choice == "yes"
 
 
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, *, forward_logs: bool = True) -> None:
     """Join the cluster at RAY_ADDRESS, else at `address`, when one is set (workers import this checkout's code when
     they see the same path, e.g. a shared volume); else start a private local Ray — never one a `ray start` left on
     this machine — whose every server (GCS, raylet, workers, agents and the dashboard Ray Train's state API needs)
-    listens on 127.0.0.1 only. One log line says which."""
+    listens on 127.0.0.1 only. One log line says which. `forward_logs`: Ray copies its workers' and servers' output
+    to this process's stderr (a stage's log file); off, it stays in Ray's session folder. The first call decides."""
     if ray.is_initialized():
         return
     ray_logger = logging.getLogger("ray")  # Ray's own handler writes to the stderr of import time: log through ours
@@ -230,7 +231,7 @@ def ensure_ray(address: str | None = None) -> None:
                          WORKER_START_TIMEOUT: os.environ.get(WORKER_START_TIMEOUT, "600")}}
     cluster = os.environ.get("RAY_ADDRESS") or address
     if cluster:
-        ray.init(address=cluster, log_to_driver=True, runtime_env=code)
+        ray.init(address=cluster, log_to_driver=forward_logs, runtime_env=code)
         log.info("Ray: joined the cluster at %s", redact(cluster))
         return
     node_ip = ray.util.get_node_ip_address()  # before init: the IP a local node would take
@@ -239,7 +240,7 @@ def ensure_ray(address: str | None = None) -> None:
                            "components package (import it first, or set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         try:
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=forward_logs,
                      runtime_env=code)
             break
         except Exception as e:  # Ray gives its raylet and dashboard fixed start-up times a busy machine can miss

@@ -218,12 +218,6 @@ def index_add(
     from components.catalog import indexing
     from components.catalog.store import SearchIndex
 
-    describe = indexing.describe_in_process
-    if actors:
-        from components.search.ray_embed import ray_describer
-
-        describe = ray_describer(actors=actors)
-
     if label_from not in ("folder", "csv"):
         _fail(f"--label-from must be folder or csv, got {label_from!r}")
     try:
@@ -232,6 +226,13 @@ def index_add(
         found = indexing.candidates(source, label_from)
         describer = _load(model, settings).describer
         _checked(lambda: target.check_model(describer.meta), index, settings)  # before any embedding
+        describe = indexing.describe_in_process
+        if actors:
+            from components.distributed import ensure_ray
+            from components.search.ray_embed import ray_describer
+
+            ensure_ray(forward_logs=False)  # Ray's own lines (its servers', its actors') stay off the terminal
+            describe = ray_describer(actors=actors)
         report = indexing.add(target, describer.net, found.images, settings["batch_size"], describe)
     except FiresightError as e:
         _fail(str(e))

@@ -70,11 +70,12 @@ def tiny_retrieval_data(target: Path):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A private local Ray for the session's distributed tests (RAY_ADDRESS is cleared above), shut down at the end."""
+    """A private local Ray for the session's distributed tests (RAY_ADDRESS is cleared above), shut down at the end.
+    Its servers' and workers' lines are not forwarded: they would land in whatever test's captured stderr is open."""
     from components.distributed import ensure_ray  # before ray itself: `components` keeps a local Ray on loopback
     import ray
 
-    ensure_ray()
+    ensure_ray(forward_logs=False)
     yield
     ray.shutdown()
 

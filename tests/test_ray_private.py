@@ -93,3 +93,26 @@ def test_the_joined_line_carries_no_credential(monkeypatch, caplog):
         ensure_ray("ray://alice:Sx9-secret@head.example:10001")
     assert "Ray: joined the cluster at ray://***@head.example:10001" in caplog.text
     assert "Sx9-secret" not in caplog.text
+
+
+SHOUT = """
+import sys, time
+from components.distributed import ensure_ray
+import ray
+
+ensure_ray(forward_logs=sys.argv[1] == "on")
+shout = ray.remote(lambda: print("a worker's line", file=sys.stderr, flush=True))
+ray.get(shout.remote())
+time.sleep(3)  # Ray's log monitor forwards within a second or so
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("forward", ["on", "off"])
+def test_worker_lines_reach_the_driver_only_when_forwarded(forward):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", SHOUT, forward], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("a worker's line" in done.stderr) == (forward == "on"), done.stderr[-3000:]
