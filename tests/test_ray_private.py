@@ -103,7 +103,7 @@ import ray
 ensure_ray(forward_logs=sys.argv[1] == "on")
 shout = ray.remote(lambda: print("a worker's line", file=sys.stderr, flush=True))
 ray.get(shout.remote())
-time.sleep(3)  # Ray's log monitor forwards within a second or so
+time.sleep(10)  # Ray's log monitor forwards within a second or so: room for a slow machine
 ray.shutdown()
 """
 
